@@ -1,0 +1,1 @@
+"""jaxchat: train, evaluate and talk to your own small ChatGPT, in JAX."""

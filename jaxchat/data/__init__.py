@@ -1,0 +1,1 @@
+"""Data: shard download, task datasets, the tiny embedded corpus and grain pipelines."""
