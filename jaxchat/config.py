@@ -1,0 +1,364 @@
+"""The depth dial: everything about a run is derived from a handful of choices, here and only here.
+
+A config file (`configs/*.py`) states choices (depth, batch, data set, ...) in an `ml_collections.ConfigDict`;
+`derive(config, n_devices)` turns them into every number the run uses: width, heads, parameter count, FLOPs per
+token, learning rates, gradient accumulation and the training horizon. Nothing allocates weights, so
+
+    python -m jaxchat.config --config=configs/d20.py [--config.depth=26 ...]
+
+prints a d20's numbers instantly on a laptop. The rules are the reference's (nanochat, October 2025):
+
+- `model_dim = depth * aspect_ratio` rounded up to a multiple of `head_dim` (exact for d20/d26/d32), heads of 128,
+  `n_kv_head = n_head` unless set (GQA/MQA), vocab 65,536, sequence 2,048.
+- AdamW learning rates were tuned at width 768 and scale as `(model_dim / 768) ** -0.5`; Muon's is not scaled.
+- The horizon is `target_param_data_ratio * params / total_batch_size` steps (Chinchilla's 20 tokens per parameter).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+
+from ml_collections import ConfigDict
+
+# bf16 dense peak FLOP/s by accelerator name (substring of `device.device_kind`); longest match wins.
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H100 PCIe": 756e12,
+    "H200": 989e12,
+    "GH200": 989e12,
+    "B200": 2.25e15,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "4090": 165.2e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+def default_config() -> ConfigDict:
+    """Every field a run reads, with the reference d20 values. Configs override what they choose."""
+    c = ConfigDict()
+    c.run = ""  # defaults to the config file's name (d20, tiny, ...)
+    c.seed = 0
+    # model
+    c.depth = 20
+    c.aspect_ratio = 64
+    c.head_dim = 128
+    c.model_dim = 0  # 0: derived from depth; set it (with n_head) only to leave the dial
+    c.n_head = 0  # 0: model_dim // head_dim
+    c.n_kv_head = 0  # 0: = n_head (MHA); a divisor of n_head gives GQA, 1 gives MQA
+    c.vocab_size = 65536
+    c.sequence_len = 2048
+    c.rope_base = 10000.0
+    c.softcap = 15.0
+    c.compute_dtype = "bfloat16"
+    c.attention = "auto"  # auto: cudnn on GPU, xla elsewhere
+    # batch and horizon
+    c.device_batch_size = 32
+    c.total_batch_size = 524288  # tokens per optimizer step; -1: one micro-batch on every device
+    c.target_param_data_ratio = 20.0
+    c.num_iterations = -1  # > 0 overrides the derived horizon
+    # optimizer
+    c.embedding_lr = 0.2
+    c.unembedding_lr = 0.004
+    c.matrix_lr = 0.02
+    c.weight_decay = 0.0
+    c.adam_beta1 = 0.8
+    c.adam_beta2 = 0.95
+    c.adam_eps = 1e-10
+    c.muon_ns_steps = 5
+    c.muon_coefficients = "ns5"  # or "polar_express"
+    c.muon_ns_dtype = "bfloat16"  # Newton-Schulz precision (float32 for exactness tests)
+    c.muon_momentum_start = 0.85
+    c.muon_momentum_end = 0.95
+    c.muon_momentum_warmup = 300
+    # schedule
+    c.warmup_ratio = 0.0
+    c.warmdown_ratio = 0.2
+    c.final_lr_frac = 0.0
+    # mesh: ("data", "fsdp") with data * fsdp = n_devices; data 0 = one row per process, fsdp 0 = the rest
+    c.mesh_data = 0
+    c.mesh_fsdp = 0
+    # loop
+    c.eval_every = 250
+    c.eval_tokens = 20 * 524288
+    c.sample_every = 2000
+    c.save_every = -1
+    c.log_every = 1
+    c.keep_checkpoints = 3
+    c.peak_flops = 0.0  # 0: look the device up in PEAK_FLOPS
+    # data
+    c.dataset = "fineweb-edu"
+    c.tokenizer = ""  # tokenizer name under $JAXCHAT_HOME/tokenizer/; defaults to the run name
+    c.tokenizer_max_chars = 2_000_000_000
+    c.tokenizer_doc_cap = 10_000
+    return c
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a run; the message says which field and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """Everything a run computes from its config (and the device count), in one place."""
+
+    n_layer: int
+    model_dim: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    vocab_size: int
+    sequence_len: int
+    num_params: int
+    num_embedding_params: int
+    flops_per_token: float
+    n_devices: int
+    device_batch_size: int
+    total_batch_size: int
+    grad_accum_steps: int
+    num_iterations: int
+    embedding_lr: float
+    unembedding_lr: float
+    matrix_lr: float
+
+    @property
+    def total_tokens(self) -> int:
+        return self.num_iterations * self.total_batch_size
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def model_shape(c: ConfigDict) -> tuple[int, int, int, int]:
+    """(model_dim, n_head, n_kv_head, head_dim) from the depth dial or explicit overrides."""
+    _require(c.depth >= 1, f"depth must be >= 1, got {c.depth}")
+    _require(c.head_dim >= 1, f"head_dim must be >= 1, got {c.head_dim}")
+    if c.model_dim:
+        model_dim = c.model_dim
+        n_head = c.n_head or max(1, model_dim // c.head_dim)
+    else:
+        _require(c.aspect_ratio >= 1, f"aspect_ratio must be >= 1, got {c.aspect_ratio}")
+        model_dim = math.ceil(c.depth * c.aspect_ratio / c.head_dim) * c.head_dim
+        n_head = c.n_head or model_dim // c.head_dim
+    _require(
+        model_dim % n_head == 0,
+        f"n_head={n_head} does not divide model_dim={model_dim}: pick n_head so model_dim / n_head is an integer",
+    )
+    head_dim = model_dim // n_head
+    _require(head_dim % 2 == 0, f"head dim {head_dim} must be even for rotary embeddings")
+    n_kv_head = c.n_kv_head or n_head
+    _require(
+        1 <= n_kv_head <= n_head and n_head % n_kv_head == 0,
+        f"n_kv_head={n_kv_head} must divide n_head={n_head} (MHA: n_head, GQA: a divisor, MQA: 1)",
+    )
+    return model_dim, n_head, n_kv_head, head_dim
+
+
+def count_params(vocab: int, n_layer: int, d: int, n_head: int, n_kv_head: int, head_dim: int) -> int:
+    """Exact parameter count: embedding + untied head + per layer q/k/v/o and the 4x MLP (no biases, no norms)."""
+    attn = d * n_head * head_dim * 2 + d * n_kv_head * head_dim * 2
+    mlp = 2 * d * 4 * d
+    return 2 * vocab * d + n_layer * (attn + mlp)
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """bf16 peak of a device by name, or None when unknown (then MFU is not reported)."""
+    matches = [k for k in PEAK_FLOPS if k.lower() in device_kind.lower()]
+    return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, device_kind: str, n_devices: int, peak: float = 0.0) -> float | None:
+    """Model FLOPs utilisation in percent of the devices' bf16 peak; None for an unknown device (no guess)."""
+    peak = peak or peak_flops(device_kind)
+    if not peak:
+        return None
+    return 100.0 * flops_per_token * tokens_per_s / (peak * n_devices)
+
+
+def derive(c: ConfigDict, n_devices: int = 1) -> Derived:
+    model_dim, n_head, n_kv_head, head_dim = model_shape(c)
+    _require(c.vocab_size >= 10, f"vocab_size must hold at least the 9 special tokens, got {c.vocab_size}")
+    _require(c.sequence_len >= 2, f"sequence_len must be >= 2, got {c.sequence_len}")
+    _require(c.device_batch_size >= 1, f"device_batch_size must be >= 1, got {c.device_batch_size}")
+    _require(n_devices >= 1, f"need at least one device, got {n_devices}")
+    n_layer = c.depth
+    num_params = count_params(c.vocab_size, n_layer, model_dim, n_head, n_kv_head, head_dim)
+    num_embedding_params = c.vocab_size * model_dim
+    # PaLM-style: 6 FLOPs per non-embedding parameter (the head counts) plus attention's QK^T and AV at full T.
+    flops_per_token = 6 * (num_params - num_embedding_params) + 12 * n_layer * n_head * head_dim * c.sequence_len
+
+    tokens_per_micro = c.device_batch_size * c.sequence_len * n_devices
+    total = tokens_per_micro if c.total_batch_size == -1 else c.total_batch_size
+    _require(
+        total > 0 and total % tokens_per_micro == 0,
+        f"total_batch_size={total} is not a multiple of device_batch_size*sequence_len*n_devices="
+        f"{c.device_batch_size}*{c.sequence_len}*{n_devices}={tokens_per_micro}; change device_batch_size or total_batch_size",
+    )
+    if c.num_iterations > 0:
+        num_iterations = c.num_iterations
+    else:
+        _require(c.target_param_data_ratio > 0, "set num_iterations > 0 or target_param_data_ratio > 0")
+        num_iterations = int(c.target_param_data_ratio * num_params) // total
+        _require(num_iterations >= 1, f"the derived horizon is {num_iterations} steps; set num_iterations")
+
+    width_scale = (model_dim / 768) ** -0.5
+    return Derived(
+        n_layer=n_layer,
+        model_dim=model_dim,
+        n_head=n_head,
+        n_kv_head=n_kv_head,
+        head_dim=head_dim,
+        vocab_size=c.vocab_size,
+        sequence_len=c.sequence_len,
+        num_params=num_params,
+        num_embedding_params=num_embedding_params,
+        flops_per_token=float(flops_per_token),
+        n_devices=n_devices,
+        device_batch_size=c.device_batch_size,
+        total_batch_size=total,
+        grad_accum_steps=total // tokens_per_micro,
+        num_iterations=num_iterations,
+        embedding_lr=c.embedding_lr * width_scale,
+        unembedding_lr=c.unembedding_lr * width_scale,
+        matrix_lr=c.matrix_lr,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading configs: `--config=configs/d20.py --config.depth=12` (the ml_collections flag syntax, parsed by hand so that
+# every entry point shares it without absl's global flag registry).
+
+
+def load_config_file(path: str) -> ConfigDict:
+    import importlib.util
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} not found (try configs/tiny.py or configs/d20.py)")
+    spec = importlib.util.spec_from_file_location(f"jaxchat_config_{p.stem}", p)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a syntax error in a config is the user's to fix; say where
+        raise ConfigError(f"could not load config {path}: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} must define get_config() returning an ml_collections.ConfigDict")
+    config = module.get_config()
+    if not isinstance(config, ConfigDict):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected ConfigDict")
+    if not config.get("run"):
+        config.run = p.stem
+    return config
+
+
+def _parse_value(text: str, current):
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ConfigError(f"expected a boolean, got {text!r}")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            value = float(text)  # accept 2e9 and 524_288.0 for integer fields, but not 2.5
+            if not value.is_integer():
+                raise ConfigError(f"expected an integer, got {text!r}") from None
+            return int(value)
+    if isinstance(current, float):
+        return float(text)
+    return text
+
+
+def apply_overrides(config: ConfigDict, overrides: dict[str, str]) -> ConfigDict:
+    """Set dotted fields from strings, converting to the field's existing type; unknown fields are errors."""
+    config = config.copy_and_resolve_references()
+    for key, text in overrides.items():
+        parts = key.split(".")
+        node = config
+        for part in parts[:-1]:
+            if part not in node:
+                raise ConfigError(f"unknown config field {key!r}")
+            node = node[part]
+        leaf = parts[-1]
+        if leaf not in node:
+            close = [k for k in node.keys() if leaf[:4] in k]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown config field {key!r}{hint}")
+        try:
+            node[leaf] = _parse_value(text, node[leaf])
+        except (ValueError, ConfigError) as e:
+            raise ConfigError(f"--config.{key}={text}: {e}") from e
+    return config
+
+
+def parse_args(argv: list[str]) -> tuple[ConfigDict, list[str]]:
+    """Split `--config=PATH` and `--config.x=y` out of argv; return the config and the remaining args."""
+    path, overrides, rest = None, {}, []
+    it = iter(argv)
+    for arg in it:
+        if arg.startswith("--config."):
+            key, sep, value = arg[len("--config."):].partition("=")
+            if not sep:
+                value = next(it, None)
+                if value is None:
+                    raise ConfigError(f"{arg} needs a value")
+            overrides[key] = value
+        elif arg == "--config" or arg.startswith("--config="):
+            path = arg.partition("=")[2] or next(it, None)
+        else:
+            rest.append(arg)
+    if path is None:
+        raise ConfigError("missing --config=configs/<name>.py (e.g. configs/tiny.py)")
+    config = load_config_file(path)
+    return apply_overrides(config, overrides), rest
+
+
+def describe(c: ConfigDict, d: Derived) -> str:
+    lines = [
+        f"config {c.run}: depth {d.n_layer}, model_dim {d.model_dim}, heads {d.n_head} (kv {d.n_kv_head}) x {d.head_dim}, "
+        f"vocab {d.vocab_size:,}, sequence {d.sequence_len:,}",
+        f"parameters              {d.num_params:,}",
+        f"  embedding (wte)       {d.num_embedding_params:,}",
+        f"  non-embedding         {d.num_params - d.num_embedding_params:,}",
+        f"FLOPs per token         {d.flops_per_token:.6e}",
+        f"devices                 {d.n_devices}",
+        f"batch                   {d.total_batch_size:,} tokens/step = {d.device_batch_size} rows x {d.sequence_len} x "
+        f"{d.n_devices} devices x {d.grad_accum_steps} accumulation steps",
+        f"horizon                 {d.num_iterations:,} steps = {d.total_tokens:,} tokens "
+        f"({d.total_tokens / d.num_params:.1f} tokens/param), {d.flops_per_token * d.total_tokens:.3e} FLOPs",
+        f"learning rates          embedding {d.embedding_lr:.6g}, unembedding {d.unembedding_lr:.6g}, matrix (Muon) {d.matrix_lr:.6g}",
+        f"schedule                warmup {c.warmup_ratio}, warmdown {c.warmdown_ratio}, final lr frac {c.final_lr_frac}; "
+        f"Muon momentum {c.muon_momentum_start} -> {c.muon_momentum_end} over {c.muon_momentum_warmup} steps",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config, rest = parse_args(argv)
+        n_devices = 1
+        for arg in rest:
+            if arg.startswith("--devices="):
+                n_devices = int(arg.split("=", 1)[1])
+            else:
+                raise ConfigError(f"unknown argument {arg!r} (usage: --config=PATH [--config.x=y ...] [--devices=N])")
+        print(describe(config, derive(config, n_devices)))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

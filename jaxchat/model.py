@@ -1,0 +1,223 @@
+"""The jaxchat GPT: nanochat's October 2025 model, in Flax NNX.
+
+Notable features (all as the reference):
+- rotary embeddings (base 10,000, split halves, tables in bf16), applied *before* QK-norm
+- QK-norm: parameter-free RMSNorm of queries and keys over the head dimension
+- grouped-query attention: `n_kv_head` divides `n_head` (MHA, GQA, MQA); K/V are broadcast inside
+  `jax.nn.dot_product_attention`, never repeated in memory
+- ReLU² MLP (4x), no biases anywhere, untied embedding and head
+- parameter-free RMSNorm after the embedding, before each sub-block and before the head
+- logits soft-capped at 15·tanh(x/15), computed in fp32
+- init: fan-in scaled normal (std 1/sqrt(in) · min(1, sqrt(out/in))), embedding N(0, 1), and zeros for the attention and
+  MLP output projections and the head, so every block starts as the identity and the first logits are uniform
+- fp32 master weights, bf16 compute (weights cast at use), fp32 loss
+
+Kernels are stored (in, out) as in `x @ W`; the optimizer's shape rules know this (see muon.py).
+The training path is functional: `nnx.split` once, then `forward(graphdef, params, ...)` merges inside the jitted loss.
+`PARAM_AXES` names each parameter's logical axes; sharding.py maps them onto the mesh.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Logical axes of every parameter, by its name in the module tree. The model never names mesh axes.
+PARAM_AXES = {
+    "wte": ("vocab", "embed"),
+    "c_q": ("embed", "heads"),
+    "c_k": ("embed", "kv_heads"),
+    "c_v": ("embed", "kv_heads"),
+    "c_proj_attn": ("heads", "embed"),
+    "c_fc": ("embed", "mlp"),
+    "c_proj_mlp": ("mlp", "embed"),
+    "lm_head": ("embed", "vocab"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    n_embd: int
+    sequence_len: int
+    rope_base: float = 10000.0
+    softcap: float = 15.0
+    compute_dtype: str = "bfloat16"
+    attention: str = "xla"  # "xla" | "cudnn" (jax.nn.dot_product_attention implementation)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_config(cls, config, attention: str = "xla") -> GPTConfig:
+        from jaxchat.config import model_shape
+
+        model_dim, n_head, n_kv_head, _ = model_shape(config)
+        return cls(
+            vocab_size=config.vocab_size,
+            n_layer=config.depth,
+            n_head=n_head,
+            n_kv_head=n_kv_head,
+            n_embd=model_dim,
+            sequence_len=config.sequence_len,
+            rope_base=config.rope_base,
+            softcap=config.softcap,
+            compute_dtype=config.compute_dtype,
+            attention=attention,
+        )
+
+
+def rms_norm(x):
+    """Parameter-free RMSNorm in fp32; eps is the input dtype's machine epsilon, as torch's F.rms_norm default."""
+    x32 = x.astype(jnp.float32)
+    eps = jnp.finfo(x.dtype).eps
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def rotary_tables(positions_BxT, head_dim: int, base: float, dtype):
+    """cos/sin of shape (B, T, 1, head_dim/2); stored in bf16 like the reference even when computing in fp32."""
+    inv_freq = 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    cos = jnp.cos(angles_BxTxF).astype(jnp.bfloat16).astype(dtype)
+    sin = jnp.sin(angles_BxTxF).astype(jnp.bfloat16).astype(dtype)
+    return cos[:, :, None, :], sin[:, :, None, :]
+
+
+def apply_rotary(x_BxTxHxD, cos, sin):
+    """Split-halves rotation: y1 = x1·cos + x2·sin, y2 = −x1·sin + x2·cos (the reference's sign convention)."""
+    half = x_BxTxHxD.shape[-1] // 2
+    x1, x2 = x_BxTxHxD[..., :half], x_BxTxHxD[..., half:]
+    return jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], axis=-1)
+
+
+class Linear(nnx.Module):
+    """A bias-free linear layer with an fp32 (in, out) kernel, cast to the activation dtype at use."""
+
+    def __init__(self, d_in: int, d_out: int, *, zero_init: bool = False, rngs: nnx.Rngs):
+        if zero_init:
+            kernel = jnp.zeros((d_in, d_out), jnp.float32)
+        else:
+            # arXiv 2310.17813: scale by fan-in, and shrink further for layers that narrow the width.
+            std = 1.0 / math.sqrt(d_in) * min(1.0, math.sqrt(d_out / d_in))
+            kernel = std * jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32)
+        self.kernel = nnx.Param(kernel)
+
+    def __call__(self, x):
+        return x @ self.kernel[...].astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        d, hd = cfg.n_embd, cfg.head_dim
+        self.cfg = cfg
+        self.c_q = Linear(d, cfg.n_head * hd, rngs=rngs)
+        self.c_k = Linear(d, cfg.n_kv_head * hd, rngs=rngs)
+        self.c_v = Linear(d, cfg.n_kv_head * hd, rngs=rngs)
+        # Zero-init so each residual branch starts as a no-op: the untrained model is the embedding alone.
+        self.c_proj_attn = Linear(cfg.n_head * hd, d, zero_init=True, rngs=rngs)
+
+    def __call__(self, x_BxTxD, cos, sin, mask=None):
+        cfg = self.cfg
+        B, T, _ = x_BxTxD.shape
+        q = self.c_q(x_BxTxD).reshape(B, T, cfg.n_head, cfg.head_dim)
+        k = self.c_k(x_BxTxD).reshape(B, T, cfg.n_kv_head, cfg.head_dim)
+        v = self.c_v(x_BxTxD).reshape(B, T, cfg.n_kv_head, cfg.head_dim)
+        q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
+        # GQA: K/V keep n_kv_head heads; dot_product_attention groups the queries over them without a copy.
+        if mask is None:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=_impl(cfg, q.dtype))
+        else:  # explicit masks (packed documents, cached decoding) go through XLA
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+        return self.c_proj_attn(y.reshape(B, T, cfg.n_head * cfg.head_dim))
+
+
+def _impl(cfg: GPTConfig, dtype) -> str | None:
+    # cuDNN's fused kernel only takes half precision; fp32 runs (CPU tests) always use XLA.
+    return "cudnn" if cfg.attention == "cudnn" and dtype in (jnp.bfloat16, jnp.float16) else "xla"
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, rngs=rngs)
+        self.c_proj_mlp = Linear(4 * cfg.n_embd, cfg.n_embd, zero_init=True, rngs=rngs)
+
+    def __call__(self, x):
+        return self.c_proj_mlp(jnp.square(jax.nn.relu(self.c_fc(x))))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask=None):
+        x = x + self.attn(rms_norm(x), cos, sin, mask)
+        return x + self.mlp(rms_norm(x))
+
+
+class GPT(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.wte = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.n_embd), jnp.float32))
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+        # Zero-init head: the first prediction is uniform, loss starts at exactly ln(vocab).
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, zero_init=True, rngs=rngs)
+
+    def __call__(self, idx_BxT, positions_BxT=None, mask=None):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.compute_dtype)
+        B, T = idx_BxT.shape
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        cos, sin = rotary_tables(positions_BxT, cfg.head_dim, cfg.rope_base, dtype)
+        x = rms_norm(self.wte[...].astype(dtype)[idx_BxT])
+        for block in self.blocks:
+            x = block(x, cos, sin, mask)
+        logits_BxTxV = self.lm_head(rms_norm(x)).astype(jnp.float32)
+        return cfg.softcap * jnp.tanh(logits_BxTxV / cfg.softcap)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The functional core used by the training step: pure functions of (params, batch).
+
+
+def init(cfg: GPTConfig, seed: int = 0):
+    """Build the model and split it once: (graphdef, params) with params a plain nested dict of fp32 arrays."""
+    graphdef, state = nnx.split(GPT(cfg, rngs=nnx.Rngs(seed)))
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def abstract_params(cfg: GPTConfig):
+    """(graphdef, params as ShapeDtypeStructs) without allocating a single weight."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def forward(graphdef, params, idx_BxT, positions_BxT=None, mask=None):
+    return nnx.merge(graphdef, params)(idx_BxT, positions_BxT, mask)
+
+
+def token_losses(logits_BxTxV, targets_BxT):
+    """Per-token cross-entropy in nats; targets < 0 (ignored) give 0 and a False in the valid mask."""
+    valid_BxT = targets_BxT >= 0
+    safe_BxT = jnp.where(valid_BxT, targets_BxT, 0)
+    logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    picked_BxT = jnp.take_along_axis(logits_BxTxV, safe_BxT[..., None], axis=-1)[..., 0]
+    return jnp.where(valid_BxT, logz_BxT - picked_BxT, 0.0), valid_BxT
+
+
+def loss_fn(params, graphdef, inputs_BxT, targets_BxT):
+    """Mean cross-entropy over the targets that are not ignored (−1)."""
+    losses_BxT, valid_BxT = token_losses(forward(graphdef, params, inputs_BxT), targets_BxT)
+    return losses_BxT.sum() / jnp.maximum(valid_BxT.sum(), 1)
+
+
+def num_params(params) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

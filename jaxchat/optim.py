@@ -1,0 +1,86 @@
+"""The optimizer: Muon for the block matrices, AdamW for the embedding and the head, and the schedules.
+
+Parameters are routed by path (`labels`): every matrix under `blocks` → Muon; `wte` → AdamW at the embedding lr;
+`lm_head` → AdamW at the unembedding lr. Anything else is an error, so a new parameter cannot silently land in the
+wrong group. `optax.multi_transform` combines the three.
+
+Schedules are host-side: each step the trainer computes the lr multiplier and Muon momentum here and passes them to
+the jitted step as traced scalars (`lrm`, `momentum`), so nothing recompiles as they change. Every group's update is
+linear in its learning rate (AdamW's decoupled weight decay included), so scaling the combined update by `lrm` is
+exactly `lr · lrm` for every group.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxchat.muon import coefficients, muon
+
+GROUPS = ("muon", "embedding", "unembedding")
+
+
+def _path_names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def label_for(path, leaf) -> str:
+    names = _path_names(path)
+    if names[0] == "blocks":
+        if leaf.ndim != 2:
+            raise ValueError(f"block parameter {'/'.join(names)} has shape {leaf.shape}; Muon takes 2-D matrices only")
+        return "muon"
+    if names[0] == "wte":
+        return "embedding"
+    if names[0] == "lm_head":
+        return "unembedding"
+    raise ValueError(f"no optimizer group for parameter {'/'.join(names)}; add it to jaxchat.optim.label_for")
+
+
+def labels(params):
+    return jax.tree_util.tree_map_with_path(label_for, params)
+
+
+def make_optimizer(config, derived) -> optax.GradientTransformationExtraArgs:
+    """multi_transform(Muon, AdamW, AdamW) at the derived learning rates (before the lr multiplier)."""
+
+    def adamw(lr):
+        return optax.adamw(
+            lr, b1=config.adam_beta1, b2=config.adam_beta2, eps=config.adam_eps, weight_decay=config.weight_decay
+        )
+
+    transforms = {
+        "muon": muon(
+            derived.matrix_lr, momentum=config.muon_momentum_end,
+            coefficients=coefficients(config.muon_coefficients, config.muon_ns_steps),
+            ns_dtype=jnp.dtype(config.muon_ns_dtype),
+        ),
+        "embedding": adamw(derived.embedding_lr),
+        "unembedding": adamw(derived.unembedding_lr),
+    }
+    return optax.multi_transform(transforms, labels)
+
+
+def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float) -> float:
+    """Linear warmup, constant, then linear warmdown to `final_lr_frac` over the last `warmdown_ratio` of the run."""
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - step) / warmdown
+    return progress * 1.0 + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step: int, start: float = 0.85, end: float = 0.95, warmup_steps: int = 300) -> float:
+    frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
+    return (1 - frac) * start + frac * end
+
+
+def schedule(config, derived, step: int) -> dict[str, float]:
+    """The per-step hyperparameters the jitted train step takes as traced scalars."""
+    return {
+        "lrm": lr_multiplier(step, derived.num_iterations, config.warmup_ratio, config.warmdown_ratio, config.final_lr_frac),
+        "momentum": muon_momentum(step, config.muon_momentum_start, config.muon_momentum_end, config.muon_momentum_warmup),
+    }

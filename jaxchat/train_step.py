@@ -1,0 +1,60 @@
+"""The training step: a pure function of (params, optimizer state, batch, hyperparameters), jitted once.
+
+Gradient accumulation runs inside the jit as a `lax.scan` over the micro-batches of one optimizer step, so a step is a
+single program no matter how many micro-batches it takes. The per-step hyperparameters (`lrm`, `momentum`) arrive as
+traced scalars. params and optimizer state are donated: XLA updates them in place instead of holding two copies.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxchat import model
+
+
+def _accumulate_grads(graphdef, params, inputs_AxBxT, targets_AxBxT, loss_fn):
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def micro_step(grads_acc, xy):
+        loss, grads = grad_fn(params, graphdef, *xy)
+        return jax.tree.map(jnp.add, grads_acc, grads), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, losses_A = jax.lax.scan(micro_step, zeros, (inputs_AxBxT, targets_AxBxT))
+    n = inputs_AxBxT.shape[0]
+    # The mean of micro-batch means, as the reference (loss / grad_accum per micro-step).
+    return jax.tree.map(lambda g: g / n, grads), losses_A.mean()
+
+
+def train_step(graphdef, tx, params, opt_state, batch, hparams, loss_fn=model.loss_fn):
+    grads, loss = _accumulate_grads(graphdef, params, batch["inputs"], batch["targets"], loss_fn)
+    updates, opt_state = tx.update(grads, opt_state, params, momentum=hparams["momentum"])
+    updates = jax.tree.map(lambda u: u * hparams["lrm"], updates)
+    params = optax.apply_updates(params, updates)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    return params, opt_state, {"loss": loss, "grad_norm": grad_norm}
+
+
+def jit_train_step(graphdef, tx, *, param_shardings, state_shardings, batch_sharding, loss_fn=model.loss_fn):
+    """The jitted step with explicit shardings in and out, params and optimizer state donated."""
+    step = functools.partial(train_step, graphdef, tx, loss_fn=loss_fn)
+    batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
+    return jax.jit(
+        step,
+        in_shardings=(param_shardings, state_shardings, batch_shardings, None),
+        out_shardings=(param_shardings, state_shardings, None),
+        donate_argnums=(0, 1),
+    )
+
+
+def init_state(cfg: model.GPTConfig, seed: int, tx, *, param_shardings, state_shardings):
+    """Initialise params and optimizer state directly in their shardings (no full copy on one device first)."""
+
+    def init():
+        _, params = model.init(cfg, seed)
+        return params, tx.init(params)
+
+    return jax.jit(init, out_shardings=(param_shardings, state_shardings))()
