@@ -1,0 +1,199 @@
+"""Chat mixtures through grain: tasks -> shuffled mixture -> rendered (ids, mask) -> masked (B, T) batches.
+
+A grain chain:
+
+    MapDataset.source((task, index) pairs).shuffle(seed).repeat(epochs)   reshuffled every epoch
+      [process_index::process_count]                                      each process a disjoint stride
+      .map(render)                                                        render_conversation(conv, T+1)
+    ChatBatches (an IterDataset)                                          rows of T+1, stacked B at a time
+
+A task is any sequence of conversation dicts (`__len__`, `__getitem__`). Listing a task twice
+oversamples it by repetition; within an epoch every listed (task, index) pair appears exactly once.
+
+Rows, two modes:
+  * "padded": one conversation per row, padded with BOS (the V0 SFT layout, static shapes);
+  * "packed": best-fit packing of whole conversations from a buffer of `buffer_size` (the HEAD SFT
+    loader, §7.3): repeatedly take the largest that fits; when none fits, pad the rest with BOS.
+    A conversation is never cropped except by render's `max_tokens` = T+1 cap.
+Targets are the next tokens, set to -1 wherever the *target* token is unsupervised (mask 0: BOS,
+user turns, tool output, padding), so the loss ignores them.
+
+Exact resume: the state is (next stream index, stream indices waiting in the buffer, counters);
+restoring re-renders at most `buffer_size` conversations. On a finite stream (`num_epochs`, e.g.
+validation) the last batch is filled with empty rows (all targets -1) so shapes stay static.
+"""
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+STATE_VERSION = 1
+MODES = ("padded", "packed")
+
+
+class _Lookup:
+    """(task, index) -> the conversation; a class rather than a lambda so the chain pickles."""
+
+    def __init__(self, tasks):
+        self.tasks = tasks
+
+    def __call__(self, pair):
+        return self.tasks[pair[0]][pair[1]]
+
+
+class _Render:
+    def __init__(self, tokenizer, max_tokens: int):
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+
+    def __call__(self, conversation):
+        return self.tokenizer.render_conversation(conversation, max_tokens=self.max_tokens)
+
+
+def mixture_pairs(tasks: Sequence[Sequence[dict]]) -> list[tuple[int, int]]:
+    """Every (task position, example index): one epoch of the mixture, before shuffling."""
+    return [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
+
+
+def mixture(tasks: Sequence[Sequence[dict]], seed: int = 0, num_epochs: int | None = None,
+            process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """This process's stream of conversations: the mixture reshuffled each epoch, strided by process."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+    pairs = mixture_pairs(tasks)
+    if not pairs:
+        raise ValueError("the chat mixture is empty: every task has length 0")
+    ds = grain.MapDataset.source(pairs).shuffle(seed=seed).repeat(num_epochs)
+    return ds[process_index::process_count].map(_Lookup(tasks))
+
+
+class ChatBatches(grain.IterDataset):
+    """`{"inputs", "targets"}` int32 (B, T) batches from a MapDataset of rendered (ids, mask) pairs."""
+
+    def __init__(self, rendered: grain.MapDataset, tokenizer, batch_size: int, seq_len: int, mode: str = "packed",
+                 buffer_size: int = 100, examples_per_epoch: float | None = None):
+        super().__init__(rendered)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.rendered, self.tokenizer = rendered, tokenizer
+        self.batch_size, self.seq_len, self.mode, self.buffer_size = batch_size, seq_len, mode, buffer_size
+        # This process's share of one epoch; progress = examples consumed / this.
+        self.examples_per_epoch = examples_per_epoch or len(rendered)
+
+    def config(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "seq_len": self.seq_len, "mode": self.mode,
+                "buffer_size": self.buffer_size, "examples_per_epoch": self.examples_per_epoch}
+
+    def __iter__(self) -> "ChatIterator":
+        return ChatIterator(self)
+
+    def __str__(self) -> str:
+        return f"ChatBatches(B={self.batch_size}, T={self.seq_len}, mode={self.mode})"
+
+
+class ChatIterator(grain.DatasetIterator):
+    def __init__(self, ds: ChatBatches):
+        super().__init__()
+        self._ds = ds
+        self._bos = ds.tokenizer.bos_id
+        self._next = 0  # stream index of the next conversation to fetch
+        self._buffer: list[tuple[int, list[int], list[int]]] = []  # (stream index, ids, mask), fetch order
+        self._consumed = self._batches = 0
+
+    def _load(self, i: int) -> tuple[int, list[int], list[int]]:
+        ids, mask = self._ds.rendered[i]
+        capacity = self._ds.seq_len + 1  # render already caps at T+1; this guards a task that does not
+        return i, list(ids[:capacity]), list(mask[:capacity])
+
+    def _fetch(self) -> bool:
+        if self._next >= len(self._ds.rendered):
+            return False
+        self._buffer.append(self._load(self._next))
+        self._next += 1
+        return True
+
+    def _pick(self, space: int) -> tuple[list[int], list[int]] | None:
+        """Pop the next conversation for a row with `space` tokens free, or None if none fits."""
+        want = 1 if self._ds.mode == "padded" else self._ds.buffer_size
+        while len(self._buffer) < want and self._fetch():
+            pass
+        if self._ds.mode == "padded":
+            return self._buffer.pop(0)[1:] if self._buffer else None
+        best = -1
+        for i, (_, ids, _) in enumerate(self._buffer):  # largest that fits; the oldest wins ties
+            if len(ids) <= space and (best < 0 or len(ids) > len(self._buffer[best][1])):
+                best = i
+        return self._buffer.pop(best)[1:] if best >= 0 else None
+
+    def _next_row(self) -> tuple[np.ndarray, np.ndarray] | None:
+        capacity = self._ds.seq_len + 1
+        ids_T1 = np.full(capacity, self._bos, np.int32)
+        mask_T1 = np.zeros(capacity, np.int32)
+        pos = 0
+        while pos < capacity:
+            picked = self._pick(capacity - pos)
+            if picked is None:
+                break
+            ids, mask = picked
+            ids_T1[pos:pos + len(ids)], mask_T1[pos:pos + len(ids)] = ids, mask
+            pos += len(ids)
+            self._consumed += 1
+            if self._ds.mode == "padded":
+                break
+        return (ids_T1, mask_T1) if pos else None
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self._assert_not_closed()
+        B, capacity = self._ds.batch_size, self._ds.seq_len + 1
+        ids_BxT1 = np.full((B, capacity), self._bos, np.int32)
+        mask_BxT1 = np.zeros((B, capacity), np.int32)
+        n = 0
+        while n < B:
+            row = self._next_row()
+            if row is None:
+                break
+            ids_BxT1[n], mask_BxT1[n] = row
+            n += 1
+        if n == 0:
+            raise StopIteration
+        self._batches += 1
+        targets_BxT = np.where(mask_BxT1[:, 1:] == 1, ids_BxT1[:, 1:], -1).astype(np.int32)
+        return {"inputs": np.ascontiguousarray(ids_BxT1[:, :-1]), "targets": targets_BxT}
+
+    @property
+    def progress(self) -> float:
+        """Epochs consumed, as a float (1.0 = this process has placed one epoch's share of conversations)."""
+        return self._consumed / self._ds.examples_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return int(self.progress) + 1
+
+    def stats(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "progress": self.progress, "batches": self._batches,
+                "conversations": self._consumed}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "config": self._ds.config(), "epoch": self.epoch, "next": self._next,
+                "buffer": [i for i, _, _ in self._buffer], "consumed": self._consumed, "batches": self._batches}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION or state.get("config") != self._ds.config():
+            raise ValueError(f"chat data state {state.get('config')} (version {state.get('version')}) does not match "
+                             f"this pipeline {self._ds.config()} (version {STATE_VERSION}); exact resume needs the "
+                             f"same tasks and data settings — restore them or restart the data stream")
+        self._next, self._consumed, self._batches = state["next"], state["consumed"], state["batches"]
+        self._buffer = [self._load(i) for i in state["buffer"]]
+
+    def __str__(self) -> str:
+        return f"ChatIterator({self._ds})"
+
+
+def chat_dataset(tasks: Sequence[Sequence[dict]], tokenizer, batch_size: int, seq_len: int, mode: str = "packed",
+                 seed: int = 0, num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
+                 buffer_size: int = 100) -> ChatBatches:
+    """Batches of a task mixture; endless unless `num_epochs` is set (use 1 for validation)."""
+    convs = mixture(tasks, seed, num_epochs, process_index, process_count)
+    rendered = convs.map(_Render(tokenizer, seq_len + 1))
+    per_process = sum(len(t) for t in tasks) / process_count
+    return ChatBatches(rendered, tokenizer, batch_size, seq_len, mode, buffer_size, per_process)
