@@ -91,6 +91,7 @@ def default_config() -> ConfigDict:
     c.log_every = 1
     c.keep_checkpoints = 3
     c.peak_flops = 0.0  # 0: look the device up in PEAK_FLOPS
+    c.wandb_project = ""  # set (and pip install wandb) to log there too
     # data
     c.dataset = "fineweb-edu"
     c.tokenizer = ""  # tokenizer name under $JAXCHAT_HOME/tokenizer/; defaults to the run name

@@ -1,4 +1,5 @@
 """`python -m jaxchat.inspect <run dir | stage dir | checkpoints dir | step dir> [--verify]`
+   `python -m jaxchat.inspect --config=configs/d20.py [--config.x=y]`  (the model a config builds, via eval_shape)
 
 Prints the config, the saved steps (marking damaged or unfinished ones), the latest good step's metrics, and
 every parameter's shape and dtype with the exact total, all from orbax's metadata and our JSON item: array
@@ -105,7 +106,32 @@ def describe(path, *, verify: bool = False) -> str:
                             "a stage dir, or a checkpoints dir with numbered step dirs")
 
 
+def describe_config(argv: list[str]) -> str:
+    """Parameter shapes of the model a config builds, from `jax.eval_shape`: no weights are allocated."""
+    import jax
+
+    from jaxchat import config as C
+    from jaxchat import model
+
+    config, rest = C.parse_args(argv)
+    if rest:
+        raise C.ConfigError(f"unknown arguments {rest}")
+    _, abstract = model.abstract_params(model.GPTConfig.from_config(config))
+    shapes = {ckpt._path_str(p): (tuple(x.shape), x.dtype) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+    return "\n".join([f"config: {config.run} (shapes via jax.eval_shape)"] + param_table(shapes))
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a.startswith("--config") for a in argv):
+        from jaxchat.config import ConfigError
+
+        try:
+            print(describe_config(argv))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     ap = argparse.ArgumentParser(prog="python -m jaxchat.inspect", description=__doc__.splitlines()[0])
     ap.add_argument("path", help="run dir, stage dir, checkpoints dir or step dir")
     ap.add_argument("--verify", action="store_true", help="re-read every file against its checksum (slow)")

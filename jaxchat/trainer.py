@@ -1,0 +1,308 @@
+"""The one training loop every stage shares: base, mid, SFT (and RL's update) differ only in their `Stage`.
+
+A `Stage` supplies data (a grain iterator with exact `get_state`/`set_state`), an optional validation pass, a loss and
+a schedule. The loop supplies everything else, once:
+
+- a jitted step with gradient accumulation and donated buffers (train_step.py), hyperparameters as traced scalars;
+- resume: the latest valid checkpoint (params, optimizer, data-iterator state, step, RNG) is restored onto the current
+  mesh, so re-running the same command continues exactly where the last one stopped;
+- periodic validation bits-per-byte, greedy samples of fixed prompts, checkpoints;
+- SIGTERM/SIGINT: finish the step in flight, save, exit cleanly (a second Ctrl-C aborts at once);
+- a console progress line (step, loss, lr, tokens/s, MFU, elapsed, ETA) and one JSON line per logged step in
+  `runs/<run>/<stage>/metrics.jsonl`; wandb when installed and `config.wandb_project` is set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxchat import config as C
+from jaxchat import model, optim, paths, sharding, train_step
+from jaxchat.checkpoint import Checkpointer
+from jaxchat.evaluate.bpb import make_evaluator
+
+# The reference's fixed prompts (base_train.py): a visible, if anecdotal, measure of what the model knows.
+SAMPLE_PROMPTS = (
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+)
+
+
+@dataclasses.dataclass
+class Stage:
+    """What a stage brings to the shared loop."""
+
+    name: str
+    num_iterations: int
+    # (rows per process, process index, process count) -> iterator of {"inputs","targets"} (rows, T) int32 numpy
+    # batches with get_state()/set_state()
+    train_data: Callable[[int, int, int], object]
+    # same arguments -> a fresh iterable of validation batches (None: no validation)
+    val_data: Callable[[int, int, int], Iterable[dict]] | None
+    schedule: Callable[[int], dict]
+    loss_fn: Callable = model.loss_fn
+    # abstract params (with shardings) -> initial params, e.g. the previous stage's weights; None: fresh init
+    init_params: Callable[[object], object] | None = None
+    sample_prompts: tuple[str, ...] = SAMPLE_PROMPTS
+
+
+@dataclasses.dataclass
+class Result:
+    stage: str
+    step: int
+    completed: bool  # False when stopped by a signal before the last step
+    val_bpb: float | None
+    params: object = None
+
+
+def resolve_attention(config) -> str:
+    if config.attention != "auto":
+        return config.attention
+    return "cudnn" if jax.devices()[0].platform == "gpu" else "xla"
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT ask the loop to stop after the current step; a second SIGINT aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread): no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nreceived {signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting "
+              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step. On resume, lines past the restored step are dropped, so the
+    file always describes exactly one run of the stage."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    pass  # a line cut by a crash mid-write
+        path.write_text("".join(line + "\n" for line in kept))
+        self._file = path.open("a")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def make_sampler(graphdef, tokenizer, prompts: Iterable[str], max_new_tokens: int, seq_len: int):
+    """Greedy completions of fixed prompts by full forward passes over one fixed-size buffer (compiled once)."""
+    encoded = [tokenizer.encode(p, prepend=tokenizer.bos_id) for p in prompts]
+    width = min(seq_len, 2 ** math.ceil(math.log2(max(len(e) for e in encoded) + max_new_tokens)))
+    buffer = np.full((len(encoded), width), tokenizer.bos_id, np.int32)
+    for i, e in enumerate(encoded):
+        buffer[i, : len(e)] = e[:width]
+    lengths = np.array([min(len(e), width) for e in encoded], np.int32)
+
+    @jax.jit
+    def next_tokens(params, tokens_BxW, lengths_B):
+        logits_BxWxV = model.forward(graphdef, params, tokens_BxW)
+        last_BxV = jnp.take_along_axis(logits_BxWxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+        return jnp.argmax(last_BxV, axis=-1).astype(jnp.int32)
+
+    def sample(params) -> list[str]:
+        tokens, lens = buffer.copy(), lengths.copy()
+        start = lens.copy()
+        for _ in range(max_new_tokens):
+            if (lens >= width).all():
+                break
+            nxt = np.asarray(next_tokens(params, tokens, lens))
+            room = lens < width
+            tokens[room, lens[room]] = nxt[room]
+            lens = lens + room
+        return [tokenizer.decode(tokens[i, 1 : lens[i]].tolist()) for i in range(len(encoded))]  # without BOS
+
+    return sample
+
+
+def run(config, stage: Stage, tokenizer, *, log: Callable[[str], None] = print) -> Result:
+    """Train `stage` to `stage.num_iterations`, resuming from its latest checkpoint if there is one."""
+    devices = jax.devices()
+    derived = C.derive(config, len(devices))
+    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp)
+    gcfg = model.GPTConfig.from_config(config, attention=resolve_attention(config))
+    graphdef, abstract = model.abstract_params(gcfg)
+    tx = optim.make_optimizer(config, derived)
+    p_shard = sharding.param_shardings(abstract, mesh)
+    abstract_opt = jax.eval_shape(tx.init, abstract)
+    o_shard = sharding.state_shardings(abstract_opt, abstract, mesh)
+    step_fn = train_step.jit_train_step(graphdef, tx, param_shardings=p_shard, state_shardings=o_shard,
+                                        batch_sharding=sharding.batch_sharding(mesh), loss_fn=stage.loss_fn)
+    micro_sharding = sharding.batch_sharding(mesh, accumulation_axis=False)
+    stack_sharding = sharding.batch_sharding(mesh)
+
+    stage_dir = paths.run_dir(config.run, stage.name)
+    ckpt = Checkpointer(stage_dir / "checkpoints", keep=config.keep_checkpoints)
+    rows = config.device_batch_size * jax.local_device_count()
+    pidx, pcount = jax.process_index(), jax.process_count()
+    data = iter(stage.train_data(rows, pidx, pcount))
+
+    start = 0
+    rng = jax.random.key(config.seed)
+    if ckpt.latest_step() is not None:
+        restored = ckpt.restore(abstract_params=_with_shardings(abstract, p_shard),
+                                abstract_opt_state=_with_shardings(abstract_opt, o_shard))
+        params, opt_state, start, rng = restored.params, restored.opt_state, restored.step, restored.rng
+        data.set_state(restored.data_state)
+        log(f"resumed {stage.name} from step {start:,} ({stage_dir / 'checkpoints'})")
+    elif stage.init_params is not None:
+        params = stage.init_params(_with_shardings(abstract, p_shard))
+        opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
+    else:
+        params, opt_state = train_step.init_state(gcfg, config.seed, tx, param_shardings=p_shard,
+                                                  state_shardings=o_shard)
+
+    n_steps = stage.num_iterations
+    tokens_per_step = derived.total_batch_size
+    evaluator = make_evaluator(graphdef, tokenizer.token_bytes) if stage.val_data else None
+    val_steps = max(1, config.eval_tokens // (rows * pcount * config.sequence_len))
+    sampler = (make_sampler(graphdef, tokenizer, stage.sample_prompts, 16, config.sequence_len)
+               if stage.sample_prompts and config.sample_every > 0 else None)
+    metrics = MetricsLog(stage_dir / "metrics.jsonl", start)
+    wandb_run = _maybe_wandb(config, stage.name)
+    device_kind = devices[0].device_kind
+
+    def place(batch, target):
+        return {k: jax.make_array_from_process_local_data(target, np.asarray(v)) for k, v in batch.items()}
+
+    def validate(params) -> float:
+        batches = (b for _, b in zip(range(val_steps), stage.val_data(rows, pidx, pcount)))
+        return evaluator(params, batches, place=lambda b: place(b, micro_sharding))
+
+    def next_batch():
+        micro = [next(data) for _ in range(derived.grad_accum_steps)]
+        return place({k: np.stack([m[k] for m in micro]) for k in ("inputs", "targets")}, stack_sharding)
+
+    def save(step, extra):
+        ckpt.save(step, params=params, opt_state=opt_state, rng=rng, data_state=data.get_state(),
+                  config=config.to_dict(), metrics=extra)
+
+    val_bpb = None
+    if start == 0 and evaluator:
+        val_bpb = validate(params)
+        metrics.write({"step": 0, "val_bpb": val_bpb})
+        log(f"step {0:>6}/{n_steps} | val bpb {val_bpb:.4f}")
+    log(f"{stage.name}: {n_steps:,} steps of {tokens_per_step:,} tokens, {derived.grad_accum_steps} micro-batches each, "
+        f"{len(devices)} device(s) ({device_kind}), mesh {dict(mesh.shape)}")
+
+    t_start = time.perf_counter()
+    t_last, last_logged, smooth = t_start, start, None
+    completed = start
+    with _StopFlag() as stop:
+        for step in range(start, n_steps):
+            hparams = stage.schedule(step)
+            params, opt_state, out = step_fn(params, opt_state, next_batch(), hparams)
+            completed = step + 1
+            record = {}
+            if completed % config.log_every == 0 or completed == n_steps or stop.requested:
+                # float() syncs with the device, which also keeps emulated-device runs from stalling
+                loss = float(out["loss"])
+                now = time.perf_counter()
+                dt = (now - t_last) / (completed - last_logged)
+                t_last, last_logged = now, completed
+                smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
+                tps = tokens_per_step / dt
+                mfu = C.mfu(derived.flops_per_token, tps, device_kind, len(devices), config.peak_flops)
+                elapsed = now - t_start
+                eta = elapsed / (completed - start) * (n_steps - completed)
+                lr = hparams["lrm"] * derived.matrix_lr
+                record = {"step": completed, "loss": loss, "lr": lr, "lrm": hparams["lrm"],
+                          "momentum": hparams.get("momentum"), "tokens_per_s": tps, "mfu": mfu,
+                          "elapsed": elapsed, "grad_norm": float(out["grad_norm"])}
+                log(f"step {completed:>6}/{n_steps} | loss {smooth:.4f} | lrm {hparams['lrm']:.3f} | "
+                    f"{dt * 1e3:.0f} ms | {tps:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{mfu:.1f}%'} | "
+                    f"{_format_duration(elapsed)} elapsed | ETA {_format_duration(eta)}")
+            t_pause = time.perf_counter()  # evals, samples and saves are not step time
+            if evaluator and config.eval_every > 0 and (completed % config.eval_every == 0 or completed == n_steps):
+                val_bpb = validate(params)
+                record = {"step": completed, **record, "val_bpb": val_bpb}
+                log(f"step {completed:>6}/{n_steps} | val bpb {val_bpb:.4f}")
+            if sampler and (completed % config.sample_every == 0 or completed == n_steps):
+                for text in sampler(params):
+                    if pidx == 0:
+                        log(f"  sample: {text!r}")
+            if record:
+                metrics.write(record)
+                if wandb_run:
+                    wandb_run.log({k: v for k, v in record.items() if v is not None}, step=completed)
+            due = config.save_every > 0 and completed % config.save_every == 0
+            if due or completed == n_steps or stop.requested:
+                save(completed, {k: v for k, v in record.items() if isinstance(v, (int, float))})
+            t_last += time.perf_counter() - t_pause
+            if stop.requested:
+                break
+    ckpt.wait()
+    ckpt.close()
+    metrics.close()
+    if wandb_run:
+        wandb_run.finish()
+    done = completed >= n_steps
+    log(f"{stage.name}: {'finished' if done else 'stopped'} at step {completed:,}; checkpoint in {stage_dir / 'checkpoints'}")
+    return Result(stage.name, completed, done, val_bpb, params)
+
+
+def _maybe_wandb(config, stage_name):
+    project = config.get("wandb_project", "")
+    if not project or jax.process_index() != 0:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("wandb_project is set but wandb is not installed (pip install wandb); logging locally only", file=sys.stderr)
+        return None
+    return wandb.init(project=project, name=f"{config.run}-{stage_name}", config=config.to_dict())

@@ -1,0 +1,42 @@
+"""Train jaxchat: python train.py --config=configs/<name>.py --stage=tokenizer|base|all [--config.x=y ...]
+
+Re-running a stage resumes it from its latest checkpoint; --stage=all runs every stage in order.
+"""
+import logging
+import sys
+
+from jaxchat import config as C
+from jaxchat import sharding, stages
+
+USAGE = "usage: python train.py --config=configs/<name>.py --stage={" + "|".join(stages.STAGES + ("all",)) + "} [--config.x=y ...]"
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config, rest = C.parse_args(argv)
+        stage = None
+        for arg in rest:
+            if arg.startswith("--stage="):
+                stage = arg.split("=", 1)[1]
+            else:
+                raise C.ConfigError(f"unknown argument {arg!r}\n{USAGE}")
+        if stage not in stages.STAGES + ("all",):
+            raise C.ConfigError(f"--stage must be one of {', '.join(stages.STAGES + ('all',))}\n{USAGE}")
+        sharding.initialize_distributed()
+        import jax
+
+        C.derive(config, len(jax.devices()))  # fail on a bad config before any work
+        log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+        if stage == "all":
+            stages.run_all(config, log)
+        else:
+            stages.run_stage(config, stage, log)
+    except (C.ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
