@@ -1,0 +1,126 @@
+"""Decode throughput of the engine for any config with random weights: TTFT, per-token latency, tokens/s, roofline.
+
+    python bench/decode.py --config=configs/d20.py [--batch-sizes=1,8,32,128] [--prompt-tokens=2048]
+                           [--decode-tokens=256] [--temperature=0.0]
+
+For each batch size B: one prompt is prefilled once and shared by B sample rows (the engine's path), then
+`--decode-tokens` decode steps run, each synced to the host as the engine's tool loop needs. TTFT is the (compiled)
+prefill time including the first sampled token; TPOT is the median step time; tokens/s = B / TPOT.
+
+Roofline: a decode step must read every weight once (bf16 when the config computes in bf16; the embedding is a
+gather and is left out) plus each row's KV cache. The engine attends over its whole cache bucket S, so the KV bytes read
+per row are S · kv_bytes_per_token. Ceiling tokens/s = B · peak_bw / (weight_bytes + B · kv_read); MBU = achieved
+bytes/s over peak_bw. Peak bandwidth by device name: H100 SXM 3.35e12 B/s, H200 4.8e12, A100 2.0e12; unknown device
+(CPU included) → no roofline. The prompt length is clamped to sequence_len − decode_tokens. Last line: one JSON object.
+"""
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxchat import config as C  # noqa: E402
+from jaxchat import engine, model  # noqa: E402
+
+# Peak HBM bandwidth (B/s) by substring of device_kind; the longest match wins.
+PEAK_BANDWIDTH = {"H100": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100": 2.0e12}
+
+
+def peak_bandwidth(device_kind: str) -> float | None:
+    matches = [k for k in PEAK_BANDWIDTH if k.lower() in device_kind.lower()]
+    return PEAK_BANDWIDTH[max(matches, key=len)] if matches else None
+
+
+def weight_bytes(params) -> int:
+    """Bytes a decode step reads from weights: everything but the embedding table (a B-row gather)."""
+    return sum(x.size * x.dtype.itemsize for path, x in jax.tree_util.tree_leaves_with_path(params)
+               if "wte" not in jax.tree_util.keystr(path))
+
+
+def kv_bytes_per_token(cfg: model.GPTConfig) -> int:
+    return cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim * jnp.dtype(cfg.compute_dtype).itemsize
+
+
+def bench_batch(cfg, params, prompt, B, decode_tokens, temperature, max_top_k):
+    S = engine.bucket(len(prompt) + decode_tokens, engine.MIN_CACHE_BUCKET)
+    T = engine.bucket(len(prompt), engine.MIN_PROMPT_BUCKET)
+    tokens = np.zeros((1, T), np.int32)
+    tokens[0, :len(prompt)] = prompt
+    lengths = np.asarray([len(prompt)], np.int32)
+    keys = engine.row_keys(np.zeros(B, np.uint32), np.arange(B, dtype=np.uint32))
+    temp, top_k = np.full(B, temperature, np.float32), np.zeros(B, np.int32)
+
+    def run_prefill():
+        cache = engine.KVCache.zeros(cfg, B, S)
+        jax.block_until_ready(cache)
+        t = time.perf_counter()
+        nxt, cache = engine.prefill(cfg, max_top_k, params, cache, tokens, lengths, keys, temp, top_k)
+        np.asarray(nxt)
+        return time.perf_counter() - t, nxt, cache
+
+    compile_prefill, _, _ = run_prefill()
+    ttft, nxt, cache = run_prefill()
+    steps, compile_decode = [], None
+    for i in range(decode_tokens):
+        t = time.perf_counter()
+        nxt, cache = engine.decode_step(cfg, max_top_k, params, cache, nxt, keys, np.int32(i + 1), temp, top_k)
+        np.asarray(nxt)  # the engine's host loop reads every column
+        (steps.append if i else lambda s: None)(time.perf_counter() - t)
+        if i == 0:
+            compile_decode = time.perf_counter() - t
+    tpot = statistics.median(steps)
+    return {"batch": B, "cache_len": S, "ttft_s": ttft, "tpot_s": tpot, "tokens_per_s": B / tpot,
+            "compile_prefill_s": compile_prefill, "compile_decode_s": compile_decode}
+
+
+def main(argv):
+    config, rest = C.parse_args(argv)
+    opts = dict(a.lstrip("-").split("=", 1) for a in rest)
+    batch_sizes = [int(b) for b in opts.get("batch-sizes", "1,8,32,128").split(",")]
+    decode_tokens = int(opts.get("decode-tokens", 256))
+    prompt_tokens = min(int(opts.get("prompt-tokens", 2048)), config.sequence_len - decode_tokens)
+    if prompt_tokens < 1:
+        raise SystemExit(f"--decode-tokens={decode_tokens} leaves no room for a prompt in sequence_len "
+                         f"{config.sequence_len}; lower it")
+    temperature = float(opts.get("temperature", 0.0))
+    device = jax.devices()[0]
+    cfg = model.GPTConfig.from_config(config)
+    dtype = jnp.dtype(cfg.compute_dtype)
+    params = jax.jit(lambda: jax.tree.map(lambda x: x.astype(dtype), model.init(cfg, config.seed)[1]))()
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size - 9, prompt_tokens).tolist()
+    max_top_k = min(engine.DEFAULT_MAX_TOP_K, cfg.vocab_size)
+
+    w_bytes, kv_tok = weight_bytes(params), kv_bytes_per_token(cfg)
+    bw = peak_bandwidth(device.device_kind)
+    card = {"device": device.device_kind, "platform": device.platform, "config": config.run,
+            "params": model.num_params(params), "compute_dtype": cfg.compute_dtype, "weight_bytes": w_bytes,
+            "kv_bytes_per_token": kv_tok, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
+            "peak_bandwidth": bw}
+    print(json.dumps(card))
+    rows = []
+    for B in batch_sizes:
+        r = bench_batch(cfg, params, prompt, B, decode_tokens, temperature, max_top_k)
+        kv_read = r["cache_len"] * kv_tok
+        step_bytes = w_bytes + B * kv_read
+        r["bytes_per_step"] = step_bytes
+        r["roofline_tokens_per_s"] = B * bw / step_bytes if bw else None
+        r["mbu"] = step_bytes / r["tpot_s"] / bw if bw else None
+        flops_per_token = C.derive(config).flops_per_token / 3  # forward only
+        r["prefill_tokens_per_s"] = prompt_tokens / r["ttft_s"]
+        r["prefill_mfu"] = C.mfu(flops_per_token, r["prefill_tokens_per_s"], device.device_kind, 1)
+        rows.append(r)
+        roof = f"{r['roofline_tokens_per_s']:,.0f}" if bw else "n/a"
+        mbu = f"{100 * r['mbu']:.1f}%" if bw else "n/a"
+        print(f"B={B:4d} S={r['cache_len']:5d}  TTFT {1e3 * r['ttft_s']:8.1f} ms  TPOT {1e3 * r['tpot_s']:7.2f} ms  "
+              f"{r['tokens_per_s']:10,.0f} tok/s  roofline {roof} tok/s  MBU {mbu}", file=sys.stderr)
+    print(json.dumps({**card, "results": rows}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
