@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 import time
 
+import jax
+
 from jaxchat import config as C
 from jaxchat import optim, paths, tok_eval, trainer
 from jaxchat.data import shards, tiny_corpus
@@ -60,8 +62,6 @@ def run_tokenizer(config, log=print) -> Tokenizer:
 def base_stage(config, tokenizer) -> trainer.Stage:
     prepare_data(config)
     train_paths, val_path = shards.list_shards(config.dataset)
-    import jax
-
     derived = C.derive(config, len(jax.devices()))
 
     def train_data(rows, pidx, pcount):
