@@ -20,4 +20,31 @@ def get_config():
     c.log_every = 1
     c.dataset = "tiny"
     c.tokenizer_max_chars = 20_000_000
+    # Offline evaluation: CORE and the hub's chat tasks need downloads, so the tiny run evaluates the synthetic tasks.
+    c.eval.base_tasks = ""
+    c.eval.chat_tasks = "TinySpellingBee,Arithmetic,TinyQuiz"
+    c.eval.max_problems = 64
+    c.eval.max_tokens = 128
+    # Chat stages on the synthetic mixture (tasks/mixtures.py), with the tiny model's batch and context.
+    for stage in (c.mid, c.sft):
+        stage.mixture = "tiny"
+        stage.eval_every = 50
+        stage.sample_every = 1000  # samples at the end of the stage
+    c.sft.device_batch_size = 16
+    c.sft.sequence_len = 256
+    c.sft.metric_tasks = "TinyQuiz"
+    c.sft.metric_every = 50
+    c.sft.metric_max_problems = 128
+    # RL on the synthetic arithmetic (a checkable answer, like GSM8K): 8 questions x 8 samples per step.
+    c.rl.task = "Arithmetic"
+    c.rl.num_iterations = 40
+    c.rl.examples_per_step = 8
+    c.rl.num_samples = 8
+    c.rl.max_new_tokens = 48
+    c.rl.sequence_len = 128
+    c.rl.device_batch_size = 16
+    c.rl.save_every = 20
+    c.rl.metric_every = 20
+    c.rl.metric_problems = 64
+    c.rl.metric_samples = 4
     return c

@@ -97,7 +97,99 @@ def default_config() -> ConfigDict:
     c.tokenizer = ""  # tokenizer name under $JAXCHAT_HOME/tokenizer/; defaults to the run name
     c.tokenizer_max_chars = 2_000_000_000
     c.tokenizer_doc_cap = 10_000
+    # evaluation (evaluate/): which chat tasks, how many problems, how generative tasks sample
+    c.eval = ConfigDict()
+    c.eval.base_tasks = "CORE"
+    c.eval.chat_tasks = "ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,SpellingBee"
+    c.eval.max_problems = -1  # per chat task; -1: all
+    c.eval.core_max_per_task = -1  # CORE examples per task; -1: all (the reference's final eval)
+    c.eval.batch_size = 8  # categorical prompts per forward pass
+    c.eval.generate_batch = 32  # generative problems decoded together
+    c.eval.num_samples = 1  # pass@k samples per generative problem
+    c.eval.max_tokens = 512
+    c.eval.temperature = 0.0
+    c.eval.top_k = 50
+    # Chat stages. Each group's fields that share a name with a top-level field override it for that stage only
+    # (stage_config); the rest are the stage's own. The values are the reference's (nanochat-reference.md §7).
+    c.mid = ConfigDict()
+    c.mid.mixture = "reference"  # tasks/mixtures.py
+    c.mid.num_iterations = -1  # -1: one epoch of the mixture
+    c.mid.init_lr_frac = 1.0
+    c.mid.warmup_ratio = 0.0
+    c.mid.warmdown_ratio = 0.2  # flat, then linear to 0 over the last 20%
+    c.mid.final_lr_frac = 0.0
+    c.mid.weight_decay = 0.0
+    c.mid.embedding_lr = 0.2
+    c.mid.unembedding_lr = 0.004
+    c.mid.matrix_lr = 0.02
+    c.mid.supervise = "all"  # the reference's mid-training trains on every token, user turns included
+    c.mid.eval_every = 150
+    c.mid.sample_every = -1
+    c.mid.save_every = -1
+    c.sft = ConfigDict()
+    c.sft.source = "mid"  # or "base": which checkpoint SFT starts from
+    c.sft.mixture = "reference"
+    c.sft.num_iterations = -1  # -1: num_epochs of the mixture
+    c.sft.num_epochs = 1
+    c.sft.init_lr_frac = 0.02
+    c.sft.warmup_ratio = 0.0
+    c.sft.warmdown_ratio = 1.0  # linear decay to 0 over the whole run
+    c.sft.final_lr_frac = 0.0
+    c.sft.weight_decay = 0.0
+    c.sft.embedding_lr = 0.2
+    c.sft.unembedding_lr = 0.004
+    c.sft.matrix_lr = 0.02
+    c.sft.muon_momentum_start = 0.95  # SFT keeps Muon's momentum at 0.95 throughout
+    c.sft.device_batch_size = 4
+    c.sft.total_batch_size = -1
+    c.sft.sequence_len = 2048
+    c.sft.layout = "packed"  # "packed" (best-fit whole conversations, HEAD) or "padded" (one per row, V0)
+    c.sft.supervise = "assistant"
+    c.sft.eval_every = 100
+    c.sft.sample_every = -1
+    c.sft.save_every = -1
+    c.sft.metric_every = 200  # categorical accuracy (MMLU, ARC-Easy) during training
+    c.sft.metric_tasks = "MMLU,ARC-Easy"
+    c.sft.metric_max_problems = 1024
+    c.rl = ConfigDict()
+    c.rl.task = "GSM8K"  # trained on its train split, measured on its test split
+    c.rl.num_iterations = -1  # -1: num_epochs over the train split, examples_per_step questions per step
+    c.rl.num_epochs = 1
+    c.rl.examples_per_step = 16  # questions per step, across all processes
+    c.rl.num_samples = 16  # samples per question (the group of its advantage baseline)
+    c.rl.max_new_tokens = 256
+    c.rl.temperature = 1.0
+    c.rl.top_k = 50
+    c.rl.device_batch_size = 8  # rows per forward in the update
+    c.rl.sequence_len = 512  # static row length of the update: prompt + max_new_tokens must fit
+    c.rl.init_lr_frac = 0.05
+    c.rl.warmup_ratio = 0.0
+    c.rl.warmdown_ratio = 1.0  # linear decay to 0
+    c.rl.final_lr_frac = 0.0
+    c.rl.weight_decay = 0.0
+    c.rl.embedding_lr = 0.2
+    c.rl.unembedding_lr = 0.004
+    c.rl.matrix_lr = 0.02
+    c.rl.muon_momentum_start = 0.95
+    c.rl.save_every = 60
+    c.rl.sample_every = -1
+    c.rl.metric_every = 60  # pass@k on the test split
+    c.rl.metric_problems = 400
+    c.rl.metric_samples = 8
     return c
+
+
+CHAT_STAGES = ("mid", "sft", "rl")
+
+
+def stage_config(c: ConfigDict, stage: str) -> ConfigDict:
+    """The config a chat stage trains with: its group's fields override the top-level fields of the same name."""
+    out = c.copy_and_resolve_references()
+    if stage in CHAT_STAGES and stage in c:
+        for key, value in c[stage].items():
+            if key in out and key not in CHAT_STAGES:
+                out[key] = value
+    return out
 
 
 class ConfigError(ValueError):

@@ -59,3 +59,10 @@ class ByteTokenizer:
                     emit([s("<|output_start|>")] + self.encode(p["text"]) + [s("<|output_end|>")], 0)
             emit([s("<|assistant_end|>")], 1)
         return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, conversation: dict) -> list[int]:
+        messages = list(conversation["messages"])
+        if messages[-1]["role"] == "assistant":
+            messages.pop()
+        ids, _ = self.render_conversation({"messages": messages}, max_tokens=1 << 30)
+        return ids + [self.special_id("<|assistant_start|>")]

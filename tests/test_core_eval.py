@@ -249,7 +249,7 @@ def test_evaluate_core_end_to_end(bundle, tmp_path):
             else:
                 believed.append(_believed(tok, item, tt, d, shots, lm_continuation=lm_cont.get(item["context"])))
     oracle = Oracle(believed)
-    out = core.evaluate_core(oracle, tok, bundle, log=None)
+    out = core.evaluate_core(core.stats_from_logits(oracle), tok, bundle, log=None)
     assert out["results"] == pytest.approx({"tiny_mc": 0.75, "tiny_schema": 1 / 3, "tiny_lm": 0.8})
     # centered by hand: (acc - b) / (1 - b)
     c_mc, c_schema, c_lm = (0.75 - 0.4) / 0.6, (1 / 3 - 0.5) / 0.5, 0.8
@@ -264,7 +264,7 @@ def test_evaluate_core_end_to_end(bundle, tmp_path):
     assert lines[-1].split(",")[0].strip() == "CORE" and float(lines[-1].split(",")[2]) == pytest.approx(out["core"], abs=1e-6)
 
     # max_per_task crops every task
-    out2 = core.evaluate_core(Oracle([]), tok, bundle, max_per_task=2, log=None)  # MC K=2 clamps to 1 here
+    out2 = core.evaluate_core(core.stats_from_logits(Oracle([])), tok, bundle, max_per_task=2, log=None)  # MC K=2 clamps to 1 here
     assert list(out2["results"]) == ["tiny_mc", "tiny_schema", "tiny_lm"]
     assert out2["results"]["tiny_schema"] == 1.0 and out2["results"]["tiny_lm"] == 0.0  # ties -> option 0 (= gold)
 
@@ -298,3 +298,24 @@ def test_model_logits_fn_with_tiny_gpt():
     np.testing.assert_allclose(a[:, :5], b[:, :5], atol=1e-5)  # causal: right padding never changes scored positions
     meta = {"task_type": "multiple_choice", "continuation_delimiter": " "}
     assert isinstance(core.score_example(fn, tok, MC_ROWS[0], meta, MC_ROWS[1:2]), bool)
+    # the on-device statistics equal the host computation from full logits, across 4 devices and odd batch sizes
+    on_device, on_host = core.model_stats_fn(graphdef, params), core.stats_from_logits(fn)
+    for rows in (x, x[:1], np.concatenate([x, x, x[:1]])):
+        (nll_d, match_d), (nll_h, match_h) = on_device(rows), on_host(rows)
+        np.testing.assert_allclose(nll_d, nll_h, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(match_d, match_h)
+
+
+def test_unpacked_bundle_is_checked_against_its_digest(bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    core.verify_bundle(copy)  # intact
+    data = copy / "eval_data" / "language_understanding" / "tiny_lm.jsonl"
+    data.write_text(data.read_text()[:-10])
+    with pytest.raises(ValueError, match=r"changed: \['eval_data/language_understanding/tiny_lm.jsonl'\]"):
+        core.evaluate_core(core.stats_from_logits(Oracle([])), CharTok(), copy, log=None)
+    (copy / "core.yaml").unlink()
+    with pytest.raises(ValueError, match=r"missing: \['core.yaml'\]"):
+        core.verify_bundle(copy)

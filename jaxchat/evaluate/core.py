@@ -5,19 +5,23 @@ Bundle layout (`eval_bundle_dir()`):
     eval_data/<category>/<file>.jsonl
     eval_meta_data.csv   columns include `Eval Task` and `Random baseline` (percent)
 
-Scoring needs only `logits_fn(tokens_BxT: int32 np.ndarray) -> np.ndarray (B, T, V)`, so any model (or a fake
-one in tests) plugs in; `model_logits_fn(graphdef, params)` wraps `jaxchat.model.forward` under jit.
-Prompts of one example form one batch, right-padded with BOS; T is bucketed to a power of two (>= 16) and B to a
-power of two, so only a handful of shapes ever compile.
+Scoring needs only a `StatsFn`: tokens (B, T) -> per-position loss and greedy match, so any model (or a fake one in
+tests, through `stats_from_logits`) plugs in. `model_stats_fn(graphdef, params)` runs jaxchat's model under jit and
+computes both on the devices, rows split across devices, so (B, T, V) logits never reach the host.
+Batching: every row of every example of a task is sorted by length and run `batch_rows` at a time, right-padded with
+BOS to a power-of-two T (>= 16), B fixed, so a handful of shapes compile for the whole bundle. Examples are strided
+across processes.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import random
 import shutil
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +34,8 @@ BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
+# tokens (B, T) -> (nll (B, T): −log p(token t | tokens < t), 0 at t = 0; match (B, T): token t is the greedy choice)
+StatsFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 # -- prompts ---------------------------------------------------------------------------------------
@@ -98,19 +104,22 @@ def sample_fewshot(data: Sequence[dict], idx: int, k: int) -> list[dict]:
     return [data[i] for i in rng.sample(available, k)]
 
 
-def score_example(
-    logits_fn: LogitsFn,
-    tokenizer,
-    item: dict,
-    meta: dict,
-    fewshot: Sequence[dict] = (),
-    max_seq_len: int | None = None,
-) -> bool:
-    """One example -> correct? `meta`: {"task_type", "continuation_delimiter"}."""
+@dataclasses.dataclass
+class Prepared:
+    """One example as rows to run: token lists, the scored span of each, and how to score them."""
+
+    rows: list[list[int]]
+    spans: list[tuple[int, int]]
+    task_type: str
+    gold: int
+
+
+def prepare_example(tokenizer, item: dict, meta: dict, fewshot: Sequence[dict] = (),
+                    max_seq_len: int | None = None) -> Prepared:
+    """Render, tokenize and (if needed) left-crop one example. `meta`: {"task_type", "continuation_delimiter"}."""
     task_type = meta["task_type"]
     prompts = render_prompts(item, task_type, meta.get("continuation_delimiter", " "), fewshot)
-    bos = tokenizer.bos_id
-    tokens = [tokenizer.encode(p, prepend=bos) for p in prompts]
+    tokens = [tokenizer.encode(p, prepend=tokenizer.bos_id) for p in prompts]
     sp = spans(tokens, task_type)
     if task_type == "language_modeling":
         tokens = [tokens[1]]  # only "with" is run; the span marks the continuation
@@ -123,30 +132,104 @@ def score_example(
             if s - cut < 1:
                 raise ValueError("continuation does not fit in max_seq_len")
         tokens = cropped
-    longest = max(len(t) for t in tokens)
-    T = _bucket(longest, 16)
-    if max_seq_len is not None:
-        T = min(T, max_seq_len)
-    B = _bucket(len(tokens), 1)
-    batch = np.full((B, T), bos, dtype=np.int32)
-    for i, t in enumerate(tokens):
-        batch[i, : len(t)] = t
-    logits = np.asarray(logits_fn(batch))[: len(tokens)]
+    return Prepared([list(t) for t in tokens], sp, task_type, int(item.get("gold", 0)))
 
-    if task_type == "language_modeling":
-        (s, e), = sp
-        predicted = logits[0, s - 1 : e - 1].argmax(axis=-1)
-        return bool(np.array_equal(predicted, batch[0, s:e]))
-    mean_losses = []
-    for i, (s, e) in enumerate(sp):
-        logp = _log_softmax(logits[i, s - 1 : e - 1])
-        targets = batch[i, s:e]
-        mean_losses.append(float(-logp[np.arange(len(targets)), targets].mean()))
-    return int(np.argmin(mean_losses)) == int(item["gold"])
+
+def score_prepared(p: Prepared, nll_rows: Sequence[np.ndarray], match_rows: Sequence[np.ndarray]) -> bool:
+    """Multiple choice / schema: the option with the lowest mean loss over its span; language modelling: every
+    span token is the greedy prediction. `nll_rows[i][t]` is −log p(token t | tokens < t) of row i."""
+    if p.task_type == "language_modeling":
+        (s, e), = p.spans
+        return bool(match_rows[0][s:e].all())
+    mean_losses = [float(nll[s:e].mean()) for nll, (s, e) in zip(nll_rows, p.spans)]
+    return int(np.argmin(mean_losses)) == p.gold
+
+
+def stats_from_logits(logits_fn: LogitsFn) -> StatsFn:
+    """Turn a (B, T, V) logits function (a fake model in tests, any framework) into a StatsFn, on the host."""
+
+    def stats(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits = np.asarray(logits_fn(tokens), np.float32)
+        logp = _log_softmax(logits[:, :-1])
+        nxt = tokens[:, 1:]
+        nll = np.zeros(tokens.shape, np.float32)
+        nll[:, 1:] = -np.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
+        match = np.zeros(tokens.shape, bool)
+        match[:, 1:] = logits[:, :-1].argmax(-1) == nxt
+        return nll, match
+
+    return stats
+
+
+def score_example(logits_fn: LogitsFn, tokenizer, item: dict, meta: dict, fewshot: Sequence[dict] = (),
+                  max_seq_len: int | None = None) -> bool:
+    """One example -> correct? (one forward of its rows; `evaluate_task` batches many examples instead)."""
+    p = prepare_example(tokenizer, item, meta, fewshot, max_seq_len)
+    nll, match = run_rows(stats_from_logits(logits_fn), p.rows, tokenizer.bos_id, max_seq_len, batch_rows=len(p.rows))
+    return score_prepared(p, nll, match)
+
+
+def run_rows(stats_fn: StatsFn, rows: Sequence[Sequence[int]], pad_id: int, max_seq_len: int | None = None,
+             batch_rows: int = 32) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per-row (nll, match) for many rows: rows are sorted by length and batched `batch_rows` at a time, right-padded
+    to a power-of-two T (>= 16), B fixed (a power of two), so a handful of shapes compile and little is padding."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    B = _bucket(min(batch_rows, max(1, len(rows))), 1)
+    nll_out: list = [None] * len(rows)
+    match_out: list = [None] * len(rows)
+    for start in range(0, len(order), B):
+        chunk = order[start:start + B]
+        T = _bucket(max(len(rows[i]) for i in chunk), 16)
+        if max_seq_len is not None:
+            T = min(T, max_seq_len)
+        batch = np.full((B, T), pad_id, dtype=np.int32)
+        for j, i in enumerate(chunk):
+            batch[j, :len(rows[i])] = rows[i]
+        nll, match = stats_fn(batch)
+        nll, match = np.asarray(nll), np.asarray(match)
+        for j, i in enumerate(chunk):
+            nll_out[i], match_out[i] = nll[j, :len(rows[i])], match[j, :len(rows[i])]
+    return nll_out, match_out
+
+
+def model_stats_fn(graphdef, params) -> StatsFn:
+    """jaxchat.model as a StatsFn: the loss and greedy match of every position are computed on the devices, so only
+    (B, T) crosses to the host, never (B, T, V) logits. With several devices the rows are split across them (params
+    replicated); the batch is padded to a multiple of the device count."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from jaxchat import model
+
+    devices = jax.local_devices()
+    mesh = Mesh(np.array(devices), ("rows",))
+    rows_sharding = NamedSharding(mesh, PartitionSpec("rows"))
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+
+    @jax.jit
+    def stats(params, tokens_BxT):
+        logits_BxTxV = model.forward(graphdef, params, tokens_BxT).astype(jnp.float32)
+        nxt = tokens_BxT[:, 1:]
+        logp = jax.nn.log_softmax(logits_BxTxV[:, :-1], axis=-1)
+        nll = -jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
+        match = jnp.argmax(logits_BxTxV[:, :-1], axis=-1) == nxt
+        zeros = jnp.zeros_like(nll[:, :1])
+        return jnp.concatenate([zeros, nll], axis=1), jnp.concatenate([zeros.astype(bool), match], axis=1)
+
+    def run(tokens: np.ndarray):
+        B = tokens.shape[0]
+        padded = -(-B // len(devices)) * len(devices)
+        if padded != B:
+            tokens = np.concatenate([tokens, np.repeat(tokens[-1:], padded - B, axis=0)])
+        nll, match = stats(params, jax.device_put(tokens, rows_sharding))
+        return np.asarray(nll)[:B], np.asarray(match)[:B]
+
+    return run
 
 
 def model_logits_fn(graphdef, params) -> LogitsFn:
-    """Wrap jaxchat.model.forward as a LogitsFn (one jit; shapes are bucketed by score_example)."""
+    """Wrap jaxchat.model.forward as a LogitsFn (full logits to the host: for tests and small models)."""
     import jax
 
     from jaxchat import model
@@ -196,36 +279,65 @@ def centered(acc: float, baseline_pct: float) -> float:
     return (acc - b) / (1.0 - b)
 
 
-def evaluate_task(logits_fn: LogitsFn, tokenizer, data: Sequence[dict], task: dict, max_seq_len: int | None = None) -> float:
-    correct = [
-        score_example(logits_fn, tokenizer, item, task, sample_fewshot(data, idx, task["num_fewshot"]), max_seq_len)
-        for idx, item in enumerate(data)
-    ]
-    return float(np.mean(correct)) if correct else 0.0
+def evaluate_task(stats_fn: StatsFn, tokenizer, data: Sequence[dict], task: dict, max_seq_len: int | None = None,
+                  batch_rows: int = 32, process_index: int = 0, process_count: int = 1) -> tuple[int, int]:
+    """(correct, examples) over this process's share of `data` (every process_count-th example)."""
+    mine = range(process_index, len(data), process_count)
+    prepared = [prepare_example(tokenizer, data[i], task, sample_fewshot(data, i, task["num_fewshot"]), max_seq_len)
+                for i in mine]
+    rows = [r for p in prepared for r in p.rows]
+    nll, match = run_rows(stats_fn, rows, tokenizer.bos_id, max_seq_len, batch_rows)
+    correct, k = 0, 0
+    for p in prepared:
+        n = len(p.rows)
+        correct += score_prepared(p, nll[k:k + n], match[k:k + n])
+        k += n
+    return correct, len(prepared)
+
+
+def _sum_over_processes(values: list[int]) -> list[int]:
+    import jax
+
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int64)))
+    return [int(v) for v in gathered.reshape(jax.process_count(), -1).sum(axis=0)]
 
 
 def evaluate_core(
-    logits_fn: LogitsFn,
+    stats_fn: StatsFn,
     tokenizer,
     bundle_dir: str | os.PathLike | None = None,
     max_per_task: int = -1,
     max_seq_len: int | None = None,
     log: Callable[[str], None] | None = print,
+    batch_rows: int = 32,
 ) -> dict:
-    """-> {"results": {label: acc}, "centered": {label: centered acc}, "core": mean centered}."""
+    """-> {"results": {label: acc}, "centered": {label: centered acc}, "core": mean centered}. Examples are strided
+    across processes and the counts summed, so every host scores a disjoint share."""
+    import jax
+
     bundle_dir = Path(bundle_dir or eval_bundle_dir())
+    verify_bundle(bundle_dir)
     baselines = random_baselines(bundle_dir / "eval_meta_data.csv")
     results, centered_results = {}, {}
     for task in load_bundle(bundle_dir):
         label = task["label"]
-        data = load_task_data(bundle_dir, task["dataset_uri"], max_per_task)
-        acc = evaluate_task(logits_fn, tokenizer, data, task, max_seq_len)
         if label not in baselines:
             raise KeyError(f"no random baseline for task {label!r} in eval_meta_data.csv")
+        data = load_task_data(bundle_dir, task["dataset_uri"], max_per_task)
+        t0 = time.perf_counter()
+        correct, total = evaluate_task(stats_fn, tokenizer, data, task, max_seq_len, batch_rows,
+                                       jax.process_index(), jax.process_count())
+        correct, total = _sum_over_processes([correct, total])
+        acc = correct / total if total else 0.0
         results[label] = acc
         centered_results[label] = centered(acc, baselines[label])
         if log:
-            log(f"{label:<35} acc {acc:.4f}  centered {centered_results[label]:.4f}  ({len(data)} examples)")
+            log(f"{label:<35} acc {acc:.4f}  centered {centered_results[label]:.4f}  ({total} examples, "
+                f"{time.perf_counter() - t0:.1f}s)")
     core = float(np.mean(list(centered_results.values()))) if centered_results else 0.0
     return {"results": results, "centered": centered_results, "core": core}
 
@@ -275,6 +387,7 @@ def download_bundle(url: str = BUNDLE_URL, dest: str | os.PathLike | None = None
             if len(found) != 1:
                 raise FileNotFoundError(f"core.yaml not found in {url}")
             root = found[0]
+        write_tree_digest(root)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(root, dest)
@@ -282,3 +395,35 @@ def download_bundle(url: str = BUNDLE_URL, dest: str | os.PathLike | None = None
         shutil.rmtree(tmp, ignore_errors=True)
     zip_path.unlink(missing_ok=True)
     return dest
+
+
+TREE_DIGEST = "jaxchat_tree.json"
+
+
+def _tree_files(root: Path) -> dict[str, str]:
+    import hashlib
+
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != TREE_DIGEST):
+        out[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def write_tree_digest(root: Path) -> None:
+    """Record the sha256 of every unpacked file, so later damage (a truncated copy, an edited file) is detected."""
+    (Path(root) / TREE_DIGEST).write_text(json.dumps(_tree_files(Path(root)), indent=0) + "\n")
+
+
+def verify_bundle(bundle_dir: str | os.PathLike) -> None:
+    """Compare the bundle with the digest written when it was unpacked; raise naming what differs. A bundle placed
+    by hand (no digest) is accepted as is."""
+    root = Path(bundle_dir)
+    digest_path = root / TREE_DIGEST
+    if not digest_path.exists():
+        return
+    expected, actual = json.loads(digest_path.read_text()), _tree_files(root)
+    missing = sorted(set(expected) - set(actual))
+    changed = sorted(k for k in expected if k in actual and actual[k] != expected[k])
+    if missing or changed:
+        raise ValueError(f"the CORE bundle in {root} does not match its checksums (missing: {missing[:5]}, changed: "
+                         f"{changed[:5]}); delete the folder and evaluate again to download it afresh")

@@ -1,0 +1,5 @@
+import sys
+
+from jaxchat.evaluate.run import main
+
+sys.exit(main())

@@ -1,0 +1,152 @@
+"""Evaluate a stage's checkpoint: `python -m jaxchat.evaluate --config=configs/X.py --stage=base|mid|sft|rl [--tasks=...]`.
+
+Tasks are CORE (the DCLM bundle; the default for base) and the chat tasks in `jaxchat.tasks.EVAL_TASKS` (the default
+for mid/sft/rl is `config.eval.chat_tasks`). Results are printed, saved to `runs/<run>/<stage>/eval.json` (merged
+with earlier results, so tasks can be run separately) and recorded as the stage's report section; CORE also writes
+`core.csv`. A task whose data cannot be had (offline, no bundle) is skipped with the reason, the others still run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from jaxchat import paths
+from jaxchat.config import ConfigError, parse_args
+
+STAGES = ("base", "mid", "sft", "rl")
+
+
+def default_tasks(config, stage: str) -> list[str]:
+    text = config.eval.base_tasks if stage == "base" else config.eval.chat_tasks
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _record(config, stage: str, name: str, data: dict) -> None:
+    try:
+        from jaxchat.evaluate.report import write_section
+    except ImportError:  # the report card is optional for evaluation itself
+        return
+    write_section(config.run, stage, name, data)
+
+
+def evaluate_stage(config, stage: str, tasks: list[str] | None = None, step: int | None = None,
+                   log: Callable[[str], None] = print) -> dict:
+    """Run `tasks` on the stage's checkpoint; returns {"step", "core"?, "chat"?, "skipped"}."""
+    import jax
+
+    from jaxchat import model
+    from jaxchat.chat import load_params, load_tokenizer
+    from jaxchat.data.fetch import FetchError
+    from jaxchat.data.hub import HubDatasetUnavailable
+    from jaxchat.data.hub import offline as hub_offline
+    from jaxchat.engine import Engine
+    from jaxchat.evaluate import chat_eval, core
+    from jaxchat.tasks import EVAL_TASKS, ONLINE, eval_task
+
+    if stage not in STAGES:
+        raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    tasks = default_tasks(config, stage) if tasks is None else tasks
+    unknown = [t for t in tasks if t != "CORE" and t not in EVAL_TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from CORE, {', '.join(EVAL_TASKS)}")
+    cfg, params, ckpt_step = load_params(config, stage, step)
+    tokenizer = load_tokenizer(config)
+    graphdef, _ = model.abstract_params(cfg)
+    out_dir = paths.run_dir(config.run, stage)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"evaluating {config.run}/{stage} step {ckpt_step} on {', '.join(tasks) or 'nothing'}")
+    summary: dict = {"step": ckpt_step, "skipped": {}}
+
+    if "CORE" in tasks:
+        try:
+            bundle = paths.eval_bundle_dir() if hub_offline() else core.download_bundle()
+            if not (Path(bundle) / "core.yaml").exists():
+                raise FileNotFoundError(f"no CORE bundle in {bundle} and offline mode is on")
+            result = core.evaluate_core(core.model_stats_fn(graphdef, params), tokenizer, bundle,
+                                        max_per_task=config.eval.core_max_per_task, max_seq_len=cfg.sequence_len,
+                                        log=log)
+        except (FetchError, FileNotFoundError) as e:
+            summary["skipped"]["CORE"] = str(e).splitlines()[0]
+            log(f"CORE skipped: {summary['skipped']['CORE']}")
+        else:
+            if jax.process_index() == 0:
+                core.write_results_csv(result, out_dir / "core.csv")
+            summary["core"] = result
+            log(f"CORE {result['core']:.4f}")
+            _record(config, stage, "core", {"CORE": result["core"], **{f"{k} (centered)": v
+                                                                       for k, v in result["centered"].items()}})
+
+    chat_names = [t for t in tasks if t != "CORE"]
+    if chat_names:
+        available = {}
+        for name in chat_names:
+            try:
+                task = eval_task(name)
+                len(task)  # loads (or downloads) the data now, so a missing dataset is reported here
+            except (HubDatasetUnavailable, FetchError, FileNotFoundError) as e:
+                hint = " (needs the hub's data)" if name in ONLINE else ""
+                summary["skipped"][name] = str(e).splitlines()[0] + hint
+                log(f"{name} skipped: {summary['skipped'][name]}")
+                continue
+            available[name] = task
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")  # CPU cannot donate
+        engine = Engine(cfg, params, tokenizer)
+        result = chat_eval.run_chat_eval(available, graphdef=graphdef, params=params, engine=engine,
+                                         tokenizer=tokenizer, seq_len=cfg.sequence_len, eval_cfg=config.eval, log=log)
+        summary["chat"] = result
+        section = {name: r["accuracy"] for name, r in result["tasks"].items()}
+        section.update({k: result[k] for k in ("ChatCORE", "ChatCORE_cat") if k in result})
+        _record(config, stage, "chat_eval", section)
+
+    if jax.process_index() == 0:
+        _save(out_dir / "eval.json", summary)
+    return summary
+
+
+def _save(path: Path, summary: dict) -> None:
+    """Merge into eval.json: results of the same checkpoint step accumulate task by task; a new step starts afresh."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = {}
+    if old.get("step") != summary["step"]:
+        old = {}
+    merged = {**old, **summary, "skipped": {**old.get("skipped", {}), **summary["skipped"]}}
+    if "chat" in old and "chat" in summary:
+        merged["chat"] = {**old["chat"], **summary["chat"],
+                          "tasks": {**old["chat"].get("tasks", {}), **summary["chat"]["tasks"]}}
+    for name in [*merged.get("chat", {}).get("tasks", {}), *(["CORE"] if "core" in merged else [])]:
+        merged["skipped"].pop(name, None)  # evaluated now, whatever an earlier attempt said
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(merged, indent=1, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from jaxchat.checkpoint import CheckpointError, IncompatibleCheckpointError
+
+    try:
+        config, rest = parse_args(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ap = argparse.ArgumentParser(prog="python -m jaxchat.evaluate", description="Evaluate a trained stage.")
+    ap.add_argument("--stage", required=True, choices=STAGES)
+    ap.add_argument("--tasks", default=None,
+                    help="comma-separated: CORE and/or chat tasks (default: config.eval.base_tasks for base, "
+                         "config.eval.chat_tasks otherwise)")
+    ap.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    args = ap.parse_args(rest)
+    tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        evaluate_stage(config, args.stage, tasks, args.step)
+    except (ValueError, FileNotFoundError, CheckpointError, IncompatibleCheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
