@@ -1,4 +1,4 @@
-"""Train jaxchat: python train.py --config=configs/<name>.py --stage=tokenizer|base|all [--config.x=y ...]
+"""Train jaxchat: python train.py --config=configs/<name>.py --stage=tokenizer|base|mid|sft|rl|all [--config.x=y ...]
 
 Re-running a stage resumes it from its latest checkpoint; --stage=all runs every stage in order.
 """

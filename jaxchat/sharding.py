@@ -15,6 +15,7 @@ editing this table, never the model. A dimension the mesh axis does not divide s
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -111,18 +112,81 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def initialize_distributed() -> bool:
-    """Start jax.distributed when launched as one of several processes (SLURM, or coordinator env vars)."""
+    """Start jax.distributed when launched as one of several processes (SLURM, or coordinator env vars).
+
+    `JAXCHAT_HEARTBEAT_TIMEOUT_S` (default: jax's 100 s) bounds how long the survivors of a crashed or killed
+    process keep waiting in a collective before the coordination service aborts them with an error naming it.
+    """
     coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
     slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    timeouts = {}
+    if os.environ.get("JAXCHAT_HEARTBEAT_TIMEOUT_S"):
+        timeouts["heartbeat_timeout_seconds"] = int(os.environ["JAXCHAT_HEARTBEAT_TIMEOUT_S"])
     if coordinator:
+        missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if v not in os.environ]
+        if missing:
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} is not: a multi-process "
+                             "launch needs all three (see docs/multihost.md)")
         jax.distributed.initialize(
             coordinator_address=coordinator,
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
+            **timeouts,
         )
     elif slurm_tasks > 1:
-        jax.distributed.initialize()  # reads SLURM_* itself
+        jax.distributed.initialize(**timeouts)  # reads SLURM_* itself
     else:
         return False
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
+
+
+def batch_readers(mesh: Mesh) -> tuple[list[int], int, int]:
+    """(this process's reader slots, number of slots, devices per slot) for filling the global batch.
+
+    Batch rows are split over the devices in mesh order (data-major). Each run of consecutive devices on one data
+    row and one process is one slot, and each slot reads its own disjoint stream (slot s of n reads what a process
+    s of n would). The global batch therefore depends only on the mesh and process layout: one host with
+    `mesh_data=2` reads exactly what two hosts read, which is what lets a multi-host run be checked against a
+    single-host one.
+    """
+    slots: list[tuple[int, int]] = []  # (data row, process), in global row order
+    for row, devices in enumerate(mesh.devices):
+        for d in devices:
+            if not slots or slots[-1] != (row, d.process_index):
+                slots.append((row, d.process_index))
+    if len(set(slots)) != len(slots):
+        raise ValueError(f"a process's devices are interleaved with another's in the mesh {mesh.devices.tolist()}; "
+                         "each process must own contiguous devices of each data row")
+    sizes = {sum(1 for d in mesh.devices[row] if d.process_index == p) for row, p in slots}
+    if len(sizes) != 1:
+        raise ValueError(f"uneven device counts per process and data row ({sorted(sizes)}): give every host the "
+                         "same number of devices")
+    mine = [i for i, (_, p) in enumerate(slots) if p == jax.process_index()]
+    if mine != list(range(mine[0], mine[0] + len(mine))):
+        raise ValueError(f"process {jax.process_index()}'s devices are not contiguous in the mesh "
+                         f"{mesh.devices.tolist()}: its rows of the batch could not be one local block")
+    return mine, len(slots), sizes.pop()
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is True on any (a collective: all processes must call it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.array(int(flag), np.int32)).any())
+
+
+def allgather_json(obj) -> list:
+    """Every process's JSON-serialisable `obj`, in process order (a collective: all processes must call it)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([data.size], np.int32))[:, 0]
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    gathered = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(gathered[i, :n]).decode()) for i, n in enumerate(sizes)]

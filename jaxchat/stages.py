@@ -6,15 +6,18 @@
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 
 import jax
+import numpy as np
 
 from jaxchat import config as C
-from jaxchat import optim, paths, tok_eval, trainer
+from jaxchat import model, optim, paths, tok_eval, trainer
 from jaxchat.data import shards, tiny_corpus
 from jaxchat.data.pretrain import pretrain_dataset, val_batches
+from jaxchat.evaluate import report
 from jaxchat.tokenizer import Tokenizer
 
 
@@ -46,8 +49,10 @@ def run_tokenizer(config, log=print) -> Tokenizer:
     log(f"tokenizer: training {config.vocab_size:,} ids on up to {config.tokenizer_max_chars:,} chars of "
         f"{config.dataset} (docs cropped to {config.tokenizer_doc_cap:,} chars)")
     t0 = time.perf_counter()
-    texts = shards.iter_texts(train_paths, max_chars=config.tokenizer_max_chars, doc_cap=config.tokenizer_doc_cap)
+    texts = report.CharTally(shards.iter_texts(train_paths, max_chars=config.tokenizer_max_chars,
+                                               doc_cap=config.tokenizer_doc_cap))
     tok = Tokenizer.train(texts, config.vocab_size, progress=True)
+    train_s = time.perf_counter() - t0
     directory = tok.save(paths.tokenizer_dir(tokenizer_name(config)))
     log(f"tokenizer: trained in {time.perf_counter() - t0:.1f}s, saved to {directory}")
     samples = {
@@ -55,7 +60,11 @@ def run_tokenizer(config, log=print) -> Tokenizer:
         f"{config.dataset}-val": "\n".join(shards.read_row_group(val_path, 0)),
     }
     references, notes = tok_eval.load_reference_encoders()
-    log(tok_eval.format_table(tok_eval.compression_table(tok, samples, references), notes))
+    rows = tok_eval.compression_table(tok, samples, references)
+    log(tok_eval.format_table(rows, notes))
+    report.write_section(config.run, "tokenizer", "tokenizer", {
+        "vocab_size": tok.vocab_size, "dataset": config.dataset, "chars": texts.chars, "docs": texts.docs,
+        "train_time_s": train_s, "wall_time_s": time.perf_counter() - t0, "compression": rows, "notes": notes})
     return tok
 
 
@@ -79,7 +88,238 @@ def base_stage(config, tokenizer) -> trainer.Stage:
     )
 
 
-STAGES = ("tokenizer", "base")
+# ---- chat stages: mid-training and SFT -------------------------------------------------------------------------------
+
+CHAT_SAMPLE_PROMPTS = (
+    "Hello! Who are you?",
+    "What is the capital of France?",
+    "Tom has 12 apples and gets 7 more. How many apples does Tom have now?",
+)
+
+
+def restore_params(config, stage: str, abstract):
+    """The newest `stage` checkpoint's params onto `abstract`'s shardings (how a stage starts from the previous one)."""
+    from jaxchat.checkpoint import Checkpointer
+
+    directory = paths.run_dir(config.run, stage) / "checkpoints"
+    with Checkpointer(directory, async_save=False) as ckpt:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no {stage} checkpoint in {directory} — run `python train.py "
+                                    f"--config=configs/{config.run}.py --stage={stage}` first")
+        restored = ckpt.restore(abstract_params=abstract)
+    print(f"starting from {stage} step {restored.step:,} ({directory})", flush=True)
+    return restored.params
+
+
+def packed_rows_per_conversation(lengths: list[int], capacity: int, buffer_size: int = 100) -> float:
+    """Rows per conversation under data/chat.py's best-fit packing, simulated on a sample of rendered lengths."""
+    lengths = [min(n, capacity) for n in lengths]
+    buffer, rows, i = [], 0, 0
+    while i < len(lengths) or buffer:
+        rows += 1
+        space = capacity
+        while True:
+            while len(buffer) < buffer_size and i < len(lengths):
+                buffer.append(lengths[i])
+                i += 1
+            fits = [n for n in buffer if n <= space]
+            if not fits:
+                break
+            best = max(fits)
+            buffer.remove(best)
+            space -= best
+    return rows / max(1, len(lengths))
+
+
+def epoch_steps(tasks, tokenizer, seq_len: int, rows_per_step: int, layout: str, sample: int = 2000,
+                seed: int = 0) -> int:
+    """Optimizer steps in one epoch of a mixture: exact for padded rows (one conversation each); for packed rows,
+    estimated by packing a seeded sample of rendered conversations."""
+    n = sum(len(t) for t in tasks)
+    if layout == "padded":
+        rows = n
+    else:
+        pairs = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
+        pick = np.random.default_rng(seed).permutation(len(pairs))[:sample]
+        lengths = [len(tokenizer.render_conversation(tasks[pairs[j][0]][pairs[j][1]], max_tokens=seq_len + 1)[0])
+                   for j in pick]
+        rows = n * packed_rows_per_conversation(lengths, seq_len + 1)
+    return max(1, math.ceil(rows / rows_per_step))
+
+
+def chat_stage(config, name: str, tokenizer, source: str) -> tuple[trainer.Stage, object]:
+    """Mid-training or SFT: the stage's mixture through the shared loop, starting from `source`'s weights.
+    Returns the Stage and the stage config the loop must run with (stage_config)."""
+    from jaxchat.data.chat import chat_dataset
+    from jaxchat.tasks.mixtures import mixture
+
+    sc = C.stage_config(config, name)
+    group = config[name]
+    train_tasks = mixture(name, group.mixture, "train")
+    val_tasks = mixture(name, group.mixture, "val")
+    layout = group.get("layout", "packed")
+    n_devices = len(jax.devices())
+    probe = C.derive(sc, n_devices)
+    rows_per_step = probe.total_batch_size // sc.sequence_len
+    if group.num_iterations > 0:
+        n_steps = group.num_iterations
+    else:
+        n_steps = epoch_steps(train_tasks, tokenizer, sc.sequence_len, rows_per_step, layout) * group.get("num_epochs", 1)
+    sc.num_iterations = n_steps
+    derived = C.derive(sc, n_devices)
+
+    def train_data(rows, pidx, pcount):
+        return iter(chat_dataset(train_tasks, tokenizer, rows, sc.sequence_len, mode=layout, seed=sc.seed,
+                                 process_index=pidx, process_count=pcount, supervise=group.supervise))
+
+    def val_data(rows, pidx, pcount):
+        return chat_dataset(val_tasks, tokenizer, rows, sc.sequence_len, mode=layout, seed=0, num_epochs=1,
+                            process_index=pidx, process_count=pcount, supervise=group.supervise)
+
+    def schedule(step):
+        hp = optim.schedule(sc, derived, step)
+        return {**hp, "lrm": hp["lrm"] * group.init_lr_frac}
+
+    prompts = tuple(tokenizer.render_for_completion({"messages": [{"role": "user", "content": p}]})
+                    for p in CHAT_SAMPLE_PROMPTS)
+    stage = trainer.Stage(
+        name=name, num_iterations=n_steps, train_data=train_data, val_data=val_data, schedule=schedule,
+        init_params=lambda abstract: restore_params(config, source, abstract), sample_prompts=prompts,
+        metrics=_metric_fn(config, sc, tokenizer) if name == "sft" else None,
+        metrics_every=group.get("metric_every", -1),
+    )
+    return stage, sc
+
+
+def _metric_fn(config, sc, tokenizer):
+    """SFT's periodic categorical accuracy (the reference tracks MMLU and ARC-Easy); tasks without data are dropped."""
+    from jaxchat.evaluate.chat_eval import categorical_eval, make_last_logits
+    from jaxchat.tasks import eval_task
+
+    tasks = {}
+    for name in [t.strip() for t in sc.sft.metric_tasks.split(",") if t.strip()]:
+        try:
+            task = eval_task(name)
+            len(task)
+        except Exception as e:  # noqa: BLE001 - a missing dataset only costs this metric, with the reason shown
+            print(f"sft: skipping the {name} metric: {str(e).splitlines()[0]}", flush=True)
+            continue
+        tasks[name] = task
+    if not tasks:
+        return None
+    gcfg = model.GPTConfig.from_config(sc)
+    graphdef, _ = model.abstract_params(gcfg)
+    pidx, pcount = jax.process_index(), jax.process_count()
+
+    def metrics(params) -> dict:
+        last_logits = make_last_logits(graphdef, params)
+        return {f"{name}_acc": categorical_eval(last_logits, tokenizer, task, seq_len=sc.sequence_len,
+                                                batch_size=sc.eval.batch_size, max_problems=sc.sft.metric_max_problems,
+                                                pidx=pidx, pcount=pcount).accuracy
+                for name, task in tasks.items()}
+
+    return metrics
+
+
+def evaluate_if_new(config, stage: str, step: int, log=print) -> None:
+    """The stage's evaluation at the end of training, once per checkpoint step (re-running `all` does not repeat it)."""
+    import json
+
+    from jaxchat.evaluate.run import default_tasks, evaluate_stage
+
+    if not default_tasks(config, stage):
+        return
+    done = paths.run_dir(config.run, stage) / "eval.json"
+    try:
+        if json.loads(done.read_text()).get("step") == step:
+            log(f"{stage}: evaluation of step {step:,} already in {done}")
+            return
+    except (OSError, ValueError):
+        pass
+    evaluate_stage(config, stage, log=log)
+
+
+def run_chat_stage(config, name: str, tokenizer, log=print, evaluate: bool = True):
+    source = config.sft.source if name == "sft" else "base"
+    stage, sc = chat_stage(config, name, tokenizer, source)
+    result = trainer.run(sc, stage, tokenizer, log=log)
+    if result.completed and evaluate:
+        evaluate_if_new(config, name, result.step, log)
+    return result
+
+
+# ---- RL -------------------------------------------------------------------------------------------------------------
+
+
+def rl_tasks(name: str):
+    """(train task, test task) for RL by name: GSM8K (the reference) or the offline Arithmetic stand-in."""
+    if name == "GSM8K":
+        from jaxchat.tasks.gsm8k import GSM8K
+        return GSM8K("main", "train"), GSM8K("main", "test")
+    if name == "Arithmetic":
+        from jaxchat.tasks.synthetic import Arithmetic
+        return Arithmetic(size=7473, split="train"), Arithmetic(size=1319, split="test")
+    raise ValueError(f"rl.task must be GSM8K or Arithmetic, got {name!r}")
+
+
+def rl_stage(config, tokenizer, train_task=None, test_task=None) -> tuple[trainer.Stage, object]:
+    """RL from the latest SFT checkpoint: rollouts (rl.Rollouts) as the data, the policy gradient (rl.pg_loss) as the
+    loss, linear decay from init_lr_frac as the schedule. Returns the Stage and its stage config."""
+    from jaxchat import rl
+    from jaxchat.evaluate.chat_eval import generative_eval
+
+    if jax.process_count() > 1:
+        raise NotImplementedError("the RL stage runs in one process (its rollouts sample from process-local inputs); "
+                                  "run it on one host, which may have many devices")
+    group = config.rl
+    if train_task is None:
+        train_task, test_task = rl_tasks(group.task)
+    sc = C.stage_config(config, "rl")
+    rows_per_step = group.examples_per_step * group.num_samples
+    sc.total_batch_size = rows_per_step * sc.sequence_len
+    n_steps = group.num_iterations if group.num_iterations > 0 else max(
+        1, len(train_task) // group.examples_per_step * group.num_epochs)
+    sc.num_iterations = n_steps
+    n_devices = len(jax.devices())
+    derived = C.derive(sc, n_devices)
+    gcfg = model.GPTConfig.from_config(sc)
+    graphdef, _ = model.abstract_params(gcfg)
+
+    def train_data(rows, slot, n_slots):
+        return rl.Rollouts(train_task, tokenizer, gcfg, rows=rows, slot=slot, n_slots=n_slots,
+                           examples_per_step=group.examples_per_step, num_samples=group.num_samples,
+                           max_new_tokens=group.max_new_tokens, temperature=group.temperature, top_k=group.top_k,
+                           seq_len=sc.sequence_len)
+
+    def schedule(step):
+        hp = optim.schedule(sc, derived, step)
+        return {**hp, "lrm": hp["lrm"] * group.init_lr_frac}
+
+    def metrics(params) -> dict:
+        from jaxchat.engine import Engine
+
+        r = generative_eval(Engine(gcfg, params, tokenizer), tokenizer, test_task, num_samples=group.metric_samples,
+                            max_tokens=group.max_new_tokens, temperature=group.temperature, top_k=group.top_k,
+                            problems_per_batch=max(1, 64 // group.metric_samples),
+                            max_problems=group.metric_problems)
+        return {f"pass@{k + 1}": c / max(1, r.total) for k, c in enumerate(r.pass_at)}
+
+    stage = trainer.Stage(name="rl", num_iterations=n_steps, train_data=train_data, val_data=None, schedule=schedule,
+                          loss_fn=rl.pg_loss, init_params=lambda abstract: restore_params(config, "sft", abstract),
+                          sample_prompts=(), metrics=metrics if test_task is not None else None,
+                          metrics_every=group.metric_every, row_keys=("advantages",))
+    return stage, sc
+
+
+def run_rl_stage(config, tokenizer, log=print, evaluate: bool = True):
+    stage, sc = rl_stage(config, tokenizer)
+    result = trainer.run(sc, stage, tokenizer, log=log)
+    if result.completed and evaluate:
+        evaluate_if_new(config, "rl", result.step, log)
+    return result
+
+
+STAGES = ("tokenizer", "base", "mid", "sft", "rl")
 
 
 def run_stage(config, stage: str, log=print):
@@ -88,6 +328,10 @@ def run_stage(config, stage: str, log=print):
     tokenizer = load_tokenizer(config)
     if stage == "base":
         return trainer.run(config, base_stage(config, tokenizer), tokenizer, log=log)
+    if stage in ("mid", "sft"):
+        return run_chat_stage(config, stage, tokenizer, log)
+    if stage == "rl":
+        return run_rl_stage(config, tokenizer, log)
     raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(STAGES + ('all',))}")
 
 
@@ -103,4 +347,7 @@ def run_all(config, log=print):
         if not result.completed:
             log(f"stopped during {stage}; re-run the same command to continue")
             sys.exit(0)
+        if stage == "base":
+            evaluate_if_new(config, stage, result.step, log)
+    log(f"report: {report.render(config.run)}")
     return result

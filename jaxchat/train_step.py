@@ -15,22 +15,28 @@ import optax
 from jaxchat import model
 
 
-def _accumulate_grads(graphdef, params, inputs_AxBxT, targets_AxBxT, loss_fn):
+def batch_keys(batch) -> tuple[str, ...]:
+    """The order a batch's arrays are passed to the loss: inputs, targets, then any extras (e.g. RL's advantages)
+    by name."""
+    return ("inputs", "targets", *sorted(k for k in batch if k not in ("inputs", "targets")))
+
+
+def _accumulate_grads(graphdef, params, micro_batches, loss_fn):
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def micro_step(grads_acc, xy):
-        loss, grads = grad_fn(params, graphdef, *xy)
+    def micro_step(grads_acc, xs):
+        loss, grads = grad_fn(params, graphdef, *xs)
         return jax.tree.map(jnp.add, grads_acc, grads), loss
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, losses_A = jax.lax.scan(micro_step, zeros, (inputs_AxBxT, targets_AxBxT))
-    n = inputs_AxBxT.shape[0]
+    grads, losses_A = jax.lax.scan(micro_step, zeros, micro_batches)
+    n = micro_batches[0].shape[0]
     # The mean of micro-batch means, as the reference (loss / grad_accum per micro-step).
     return jax.tree.map(lambda g: g / n, grads), losses_A.mean()
 
 
 def train_step(graphdef, tx, params, opt_state, batch, hparams, loss_fn=model.loss_fn):
-    grads, loss = _accumulate_grads(graphdef, params, batch["inputs"], batch["targets"], loss_fn)
+    grads, loss = _accumulate_grads(graphdef, params, tuple(batch[k] for k in batch_keys(batch)), loss_fn)
     updates, opt_state = tx.update(grads, opt_state, params, momentum=hparams["momentum"])
     updates = jax.tree.map(lambda u: u * hparams["lrm"], updates)
     params = optax.apply_updates(params, updates)
@@ -38,10 +44,13 @@ def train_step(graphdef, tx, params, opt_state, batch, hparams, loss_fn=model.lo
     return params, opt_state, {"loss": loss, "grad_norm": grad_norm}
 
 
-def jit_train_step(graphdef, tx, *, param_shardings, state_shardings, batch_sharding, loss_fn=model.loss_fn):
-    """The jitted step with explicit shardings in and out, params and optimizer state donated."""
+def jit_train_step(graphdef, tx, *, param_shardings, state_shardings, batch_sharding, loss_fn=model.loss_fn,
+                   row_keys: tuple[str, ...] = ()):
+    """The jitted step with explicit shardings in and out, params and optimizer state donated. `row_keys` name extra
+    per-row (A, B) batch arrays the loss takes after inputs and targets (RL's advantages)."""
     step = functools.partial(train_step, graphdef, tx, loss_fn=loss_fn)
-    batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
+    row_sharding = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec(*batch_sharding.spec[:2]))
+    batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding, **{k: row_sharding for k in row_keys}}
     return jax.jit(
         step,
         in_shardings=(param_shardings, state_shardings, batch_shardings, None),

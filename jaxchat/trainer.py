@@ -29,6 +29,7 @@ import numpy as np
 from jaxchat import config as C
 from jaxchat import model, optim, paths, sharding, train_step
 from jaxchat.checkpoint import Checkpointer
+from jaxchat.evaluate import report
 from jaxchat.evaluate.bpb import make_evaluator
 
 # The reference's fixed prompts (base_train.py): a visible, if anecdotal, measure of what the model knows.
@@ -49,8 +50,8 @@ class Stage:
 
     name: str
     num_iterations: int
-    # (rows per process, process index, process count) -> iterator of {"inputs","targets"} (rows, T) int32 numpy
-    # batches with get_state()/set_state()
+    # (rows, reader slot, slot count; a slot per process and mesh data row, sharding.batch_readers) -> iterator of
+    # {"inputs","targets"} (rows, T) int32 numpy batches with get_state()/set_state()
     train_data: Callable[[int, int, int], object]
     # same arguments -> a fresh iterable of validation batches (None: no validation)
     val_data: Callable[[int, int, int], Iterable[dict]] | None
@@ -58,7 +59,13 @@ class Stage:
     loss_fn: Callable = model.loss_fn
     # abstract params (with shardings) -> initial params, e.g. the previous stage's weights; None: fresh init
     init_params: Callable[[object], object] | None = None
-    sample_prompts: tuple[str, ...] = SAMPLE_PROMPTS
+    # text prompts (BOS is prepended) or token lists (e.g. a conversation rendered for completion)
+    sample_prompts: tuple[str | list[int], ...] = SAMPLE_PROMPTS
+    # params -> {name: value}: extra measurements logged every `metrics_every` steps (e.g. SFT's MMLU accuracy)
+    metrics: Callable[[object], dict] | None = None
+    metrics_every: int = -1
+    # extra per-row batch arrays the loss takes after inputs and targets (RL's advantages)
+    row_keys: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -81,6 +88,9 @@ class _StopFlag:
 
     def __init__(self):
         self.requested = False
+        # Only the handler sets `heard`: a multi-process loop overwrites `requested` with what all processes agree
+        # on, and a signal landing mid-agreement must not be lost.
+        self.heard = False
         self._previous = {}
 
     def __enter__(self):
@@ -92,9 +102,9 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
+        if self.heard and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = self.heard = True
         print(f"\nreceived {signal.Signals(signum).name}: finishing this step, saving a checkpoint, then exiting "
               "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
@@ -105,10 +115,13 @@ class _StopFlag:
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step. On resume, lines past the restored step are dropped, so the
-    file always describes exactly one run of the stage."""
+    file always describes exactly one run of the stage. Only the primary process writes it (all hold the same numbers)."""
 
-    def __init__(self, path: Path, resume_step: int):
+    def __init__(self, path: Path, resume_step: int, primary: bool = True):
         self.path = path
+        self._file = None
+        if not primary:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if path.exists():
@@ -122,11 +135,55 @@ class MetricsLog:
         self._file = path.open("a")
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file:
+            self._file.close()
+
+
+class _Readers:
+    """This process's rows of the global batch: one stream per reader slot it owns (sharding.batch_readers),
+    concatenated in slot order. A checkpoint keeps every slot's state, gathered from all processes, so each
+    process resumes its own streams exactly."""
+
+    def __init__(self, make: Callable, rows_per_slot: int, slots: list[int], n_slots: int):
+        self.slots, self.n_slots = slots, n_slots
+        self._its = [iter(make(rows_per_slot, s, n_slots)) for s in slots]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batches = [next(it) for it in self._its]
+        return batches[0] if len(batches) == 1 else {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def bind(self, params) -> None:
+        for it in self._its:
+            if hasattr(it, "bind"):
+                it.bind(params)
+
+    def step_metrics(self) -> dict:
+        """Means over this process's streams of what on-policy streams report about their last step."""
+        found = [it.step_metrics() for it in self._its if hasattr(it, "step_metrics")]
+        return {k: float(np.mean([f[k] for f in found])) for k in found[0]} if found else {}
+
+    def global_state(self) -> dict:
+        """Every slot's state, in slot order (a collective: every process must call it at the same step)."""
+        mine = {s: it.get_state() for s, it in zip(self.slots, self._its)}
+        merged = {int(s): st for part in sharding.allgather_json(mine) for s, st in part.items()}
+        return {"slots": [merged[s] for s in range(self.n_slots)]}
+
+    def set_state(self, state: dict) -> None:
+        saved = state["slots"] if "slots" in state else [state]  # saved before reader slots existed: one stream
+        if len(saved) != self.n_slots:
+            raise ValueError(f"the checkpoint's data state has {len(saved)} reader slot(s) but this launch has "
+                             f"{self.n_slots} (processes x data rows of the mesh): exact resume needs the same "
+                             "process count and mesh_data as the run that saved it")
+        for s, it in zip(self.slots, self._its):
+            it.set_state(saved[s])
 
 
 def _with_shardings(abstract, shardings):
@@ -142,7 +199,7 @@ def _format_duration(seconds: float) -> str:
 
 def make_sampler(graphdef, tokenizer, prompts: Iterable[str], max_new_tokens: int, seq_len: int):
     """Greedy completions of fixed prompts by full forward passes over one fixed-size buffer (compiled once)."""
-    encoded = [tokenizer.encode(p, prepend=tokenizer.bos_id) for p in prompts]
+    encoded = [tokenizer.encode(p, prepend=tokenizer.bos_id) if isinstance(p, str) else list(p) for p in prompts]
     width = min(seq_len, 2 ** math.ceil(math.log2(max(len(e) for e in encoded) + max_new_tokens)))
     buffer = np.full((len(encoded), width), tokenizer.bos_id, np.int32)
     for i, e in enumerate(encoded):
@@ -182,7 +239,8 @@ def run(config, stage: Stage, tokenizer, *, log: Callable[[str], None] = print) 
     abstract_opt = jax.eval_shape(tx.init, abstract)
     o_shard = sharding.state_shardings(abstract_opt, abstract, mesh)
     step_fn = train_step.jit_train_step(graphdef, tx, param_shardings=p_shard, state_shardings=o_shard,
-                                        batch_sharding=sharding.batch_sharding(mesh), loss_fn=stage.loss_fn)
+                                        batch_sharding=sharding.batch_sharding(mesh), loss_fn=stage.loss_fn,
+                                        row_keys=stage.row_keys)
     micro_sharding = sharding.batch_sharding(mesh, accumulation_axis=False)
     stack_sharding = sharding.batch_sharding(mesh)
 
@@ -190,7 +248,8 @@ def run(config, stage: Stage, tokenizer, *, log: Callable[[str], None] = print) 
     ckpt = Checkpointer(stage_dir / "checkpoints", keep=config.keep_checkpoints)
     rows = config.device_batch_size * jax.local_device_count()
     pidx, pcount = jax.process_index(), jax.process_count()
-    data = iter(stage.train_data(rows, pidx, pcount))
+    slots, n_slots, slot_devices = sharding.batch_readers(mesh)
+    data = _Readers(stage.train_data, config.device_batch_size * slot_devices, slots, n_slots)
 
     start = 0
     rng = jax.random.key(config.seed)
@@ -213,7 +272,7 @@ def run(config, stage: Stage, tokenizer, *, log: Callable[[str], None] = print) 
     val_steps = max(1, config.eval_tokens // (rows * pcount * config.sequence_len))
     sampler = (make_sampler(graphdef, tokenizer, stage.sample_prompts, 16, config.sequence_len)
                if stage.sample_prompts and config.sample_every > 0 else None)
-    metrics = MetricsLog(stage_dir / "metrics.jsonl", start)
+    metrics = MetricsLog(stage_dir / "metrics.jsonl", start, primary=pidx == 0)
     wandb_run = _maybe_wandb(config, stage.name)
     device_kind = devices[0].device_kind
 
@@ -221,15 +280,20 @@ def run(config, stage: Stage, tokenizer, *, log: Callable[[str], None] = print) 
         return {k: jax.make_array_from_process_local_data(target, np.asarray(v)) for k, v in batch.items()}
 
     def validate(params) -> float:
-        batches = (b for _, b in zip(range(val_steps), stage.val_data(rows, pidx, pcount)))
+        val = _Readers(stage.val_data, config.device_batch_size * slot_devices, slots, n_slots)
+        batches = (b for _, b in zip(range(val_steps), val))
         return evaluator(params, batches, place=lambda b: place(b, micro_sharding))
+
+    row_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*stack_sharding.spec[:2]))
 
     def next_batch():
         micro = [next(data) for _ in range(derived.grad_accum_steps)]
-        return place({k: np.stack([m[k] for m in micro]) for k in ("inputs", "targets")}, stack_sharding)
+        stacked = {k: np.stack([m[k] for m in micro]) for k in ("inputs", "targets", *stage.row_keys)}
+        return {k: jax.make_array_from_process_local_data(stack_sharding if v.ndim == 3 else row_sharding, v)
+                for k, v in stacked.items()}
 
     def save(step, extra):
-        ckpt.save(step, params=params, opt_state=opt_state, rng=rng, data_state=data.get_state(),
+        ckpt.save(step, params=params, opt_state=opt_state, rng=rng, data_state=data.global_state(),
                   config=config.to_dict(), metrics=extra)
 
     val_bpb = None
@@ -246,8 +310,11 @@ def run(config, stage: Stage, tokenizer, *, log: Callable[[str], None] = print) 
     with _StopFlag() as stop:
         for step in range(start, n_steps):
             hparams = stage.schedule(step)
+            data.bind(params)  # on-policy data (RL) samples from the current weights; others ignore it
             params, opt_state, out = step_fn(params, opt_state, next_batch(), hparams)
             completed = step + 1
+            if pcount > 1:  # a signal may reach one process only: all must stop (and save) at the same step
+                stop.requested = sharding.any_process(stop.heard)
             record = {}
             if completed % config.log_every == 0 or completed == n_steps or stop.requested:
                 # float() syncs with the device, which also keeps emulated-device runs from stalling
@@ -264,14 +331,22 @@ def run(config, stage: Stage, tokenizer, *, log: Callable[[str], None] = print) 
                 record = {"step": completed, "loss": loss, "lr": lr, "lrm": hparams["lrm"],
                           "momentum": hparams.get("momentum"), "tokens_per_s": tps, "mfu": mfu,
                           "elapsed": elapsed, "grad_norm": float(out["grad_norm"])}
+                on_policy = data.step_metrics()  # e.g. RL's mean reward of this step's rollouts
+                record.update(on_policy)
                 log(f"step {completed:>6}/{n_steps} | loss {smooth:.4f} | lrm {hparams['lrm']:.3f} | "
-                    f"{dt * 1e3:.0f} ms | {tps:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{mfu:.1f}%'} | "
+                    + "".join(f"{k} {v:.3f} | " for k, v in on_policy.items())
+                    + f"{dt * 1e3:.0f} ms | {tps:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{mfu:.1f}%'} | "
                     f"{_format_duration(elapsed)} elapsed | ETA {_format_duration(eta)}")
             t_pause = time.perf_counter()  # evals, samples and saves are not step time
             if evaluator and config.eval_every > 0 and (completed % config.eval_every == 0 or completed == n_steps):
                 val_bpb = validate(params)
                 record = {"step": completed, **record, "val_bpb": val_bpb}
                 log(f"step {completed:>6}/{n_steps} | val bpb {val_bpb:.4f}")
+            if stage.metrics and stage.metrics_every > 0 and (completed % stage.metrics_every == 0
+                                                               or completed == n_steps):
+                extra = stage.metrics(params)
+                record = {"step": completed, **record, **extra}
+                log(f"step {completed:>6}/{n_steps} | " + " | ".join(f"{k} {v:.4f}" for k, v in extra.items()))
             if sampler and (completed % config.sample_every == 0 or completed == n_steps):
                 for text in sampler(params):
                     if pidx == 0:
@@ -289,6 +364,9 @@ def run(config, stage: Stage, tokenizer, *, log: Callable[[str], None] = print) 
     ckpt.wait()
     ckpt.close()
     metrics.close()
+    report.write_training_section(config, stage.name, derived, start=start, step=completed, target=n_steps,
+                                  wall_time_s=time.perf_counter() - t_start, device_kind=device_kind,
+                                  n_devices=len(devices))
     if wandb_run:
         wandb_run.finish()
     done = completed >= n_steps

@@ -16,7 +16,8 @@ Rows, two modes:
     loader, §7.3): repeatedly take the largest that fits; when none fits, pad the rest with BOS.
     A conversation is never cropped except by render's `max_tokens` = T+1 cap.
 Targets are the next tokens, set to -1 wherever the *target* token is unsupervised (mask 0: BOS,
-user turns, tool output, padding), so the loss ignores them.
+user turns, tool output, padding), so the loss ignores them. With `supervise="all"` (the reference's
+mid-training) every real token is a target and only padding is ignored.
 
 Exact resume: the state is (next stream index, stream indices waiting in the buffer, counters);
 restoring re-renders at most `buffer_size` conversations. On a finite stream (`num_epochs`, e.g.
@@ -30,6 +31,7 @@ import numpy as np
 
 STATE_VERSION = 1
 MODES = ("padded", "packed")
+SUPERVISE = ("assistant", "all")
 
 
 class _Lookup:
@@ -71,10 +73,13 @@ class ChatBatches(grain.IterDataset):
     """`{"inputs", "targets"}` int32 (B, T) batches from a MapDataset of rendered (ids, mask) pairs."""
 
     def __init__(self, rendered: grain.MapDataset, tokenizer, batch_size: int, seq_len: int, mode: str = "packed",
-                 buffer_size: int = 100, examples_per_epoch: float | None = None):
+                 buffer_size: int = 100, examples_per_epoch: float | None = None, supervise: str = "assistant"):
         super().__init__(rendered)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if supervise not in SUPERVISE:
+            raise ValueError(f"supervise must be one of {SUPERVISE}, got {supervise!r}")
+        self.supervise = supervise
         self.rendered, self.tokenizer = rendered, tokenizer
         self.batch_size, self.seq_len, self.mode, self.buffer_size = batch_size, seq_len, mode, buffer_size
         # This process's share of one epoch; progress = examples consumed / this.
@@ -82,7 +87,8 @@ class ChatBatches(grain.IterDataset):
 
     def config(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "seq_len": self.seq_len, "mode": self.mode,
-                "buffer_size": self.buffer_size, "examples_per_epoch": self.examples_per_epoch}
+                "buffer_size": self.buffer_size, "examples_per_epoch": self.examples_per_epoch,
+                "supervise": self.supervise}
 
     def __iter__(self) -> "ChatIterator":
         return ChatIterator(self)
@@ -135,7 +141,9 @@ class ChatIterator(grain.DatasetIterator):
             if picked is None:
                 break
             ids, mask = picked
-            ids_T1[pos:pos + len(ids)], mask_T1[pos:pos + len(ids)] = ids, mask
+            # "all": every real token is supervised; padding (never written here) stays 0
+            ids_T1[pos:pos + len(ids)] = ids
+            mask_T1[pos:pos + len(ids)] = 1 if self._ds.supervise == "all" else mask
             pos += len(ids)
             self._consumed += 1
             if self._ds.mode == "padded":
@@ -191,9 +199,9 @@ class ChatIterator(grain.DatasetIterator):
 
 def chat_dataset(tasks: Sequence[Sequence[dict]], tokenizer, batch_size: int, seq_len: int, mode: str = "packed",
                  seed: int = 0, num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
-                 buffer_size: int = 100) -> ChatBatches:
+                 buffer_size: int = 100, supervise: str = "assistant") -> ChatBatches:
     """Batches of a task mixture; endless unless `num_epochs` is set (use 1 for validation)."""
     convs = mixture(tasks, seed, num_epochs, process_index, process_count)
     rendered = convs.map(_Render(tokenizer, seq_len + 1))
     per_process = sum(len(t) for t in tasks) / process_count
-    return ChatBatches(rendered, tokenizer, batch_size, seq_len, mode, buffer_size, per_process)
+    return ChatBatches(rendered, tokenizer, batch_size, seq_len, mode, buffer_size, per_process, supervise)
