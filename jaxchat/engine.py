@@ -397,3 +397,32 @@ class Engine:
                     results[b].append(token)
                     masks[b].append(mask)
         return results, masks
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Serving: a slot pool keeps its live rows packed at the front of one large cache
+
+
+def forward_decode_rows(cfg: GPTConfig, params, cache: KVCache, tokens_b, attend_len: int | None = None):
+    """`forward_decode` for the first b = len(tokens_b) rows of a cache with B >= b rows; rows b.. are untouched.
+
+    A server decodes a power-of-two bucket of its live rows without slicing them out of (and back into) the cache, which
+    would copy b rows of every layer twice per step. `attend_len` (static, default the whole cache) limits attention to
+    the first positions: every row's position must be below it. Decode cost follows the keys read, so a server passes
+    a bucket of its longest live row rather than the full context. Returns (logits (b, V), cache with
+    lengths_B[:b] + 1)."""
+    dtype = jnp.dtype(cfg.compute_dtype)
+    b, S = tokens_b.shape[0], attend_len or cache.max_len
+    pos_b = cache.lengths_B[:b]
+    cos, sin = model.rotary_tables(pos_b[:, None], cfg.head_dim, cfg.rope_base, dtype)
+    mask_bx1x1xS = (jnp.arange(S)[None, :] <= pos_b[:, None])[:, None, None, :]
+    rows_b = jnp.arange(b)
+    k_all, v_all = cache.k_LxBxSxHxD, cache.v_LxBxSxHxD
+    x = _embed(cfg, params, tokens_b[:, None])
+    for layer, p in enumerate(_blocks(params)):
+        q, k, v = _qkv(cfg, p["attn"], model.rms_norm(x), cos, sin)
+        k_all = k_all.at[layer, rows_b, pos_b].set(k[:, 0], mode="drop")  # drop: see forward_decode
+        v_all = v_all.at[layer, rows_b, pos_b].set(v[:, 0], mode="drop")
+        x = x + _attend(cfg, p["attn"], q, k_all[layer, :b, :S], v_all[layer, :b, :S], mask_bx1x1xS)
+        x = x + _mlp(p["mlp"], model.rms_norm(x))
+    return _head(cfg, params, x[:, 0]), KVCache(k_all, v_all, cache.lengths_B.at[:b].add(1))

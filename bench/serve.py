@@ -1,0 +1,164 @@
+"""Load test of the web server: N streaming requests all at once against the same N one after another, over loopback.
+
+    python bench/serve.py [--config=configs/tiny.py] [--requests=64] [--max-tokens=128] [--max-batch=64]
+                          [--stage=sft]  # serve that checkpoint if it exists; otherwise random weights
+
+The server runs in this process (uvicorn in a thread, the batcher's decode loop in another) and the clients are raw
+httpx streams reading Server-Sent Events, so the figures include HTTP, JSON and the asyncio hop, on the same cores.
+Random weights are restricted to printable-text tokens, so every request runs to exactly --max-tokens; all requests are
+greedy, so each concurrent reply must equal its sequential one token for token (numerics differ between batch sizes
+only at the last bit, which can flip a near-tie argmax: the count of identical replies is reported, not assumed).
+
+Reported: aggregate tokens/s (completion tokens of all requests / wall time from first send to last byte), time to
+first token (first content chunk at the client) p50/p95, every request's completion_tokens against --max-tokens, and
+the server's own /metrics. Last line: one JSON object.
+"""
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxchat import config as C  # noqa: E402
+from jaxchat import model, paths  # noqa: E402
+from jaxchat.engine import Engine  # noqa: E402
+from jaxchat.tokenizer import Tokenizer  # noqa: E402
+from jaxchat.web.app import ServerThread, create_app  # noqa: E402
+from jaxchat.web.batcher import Batcher  # noqa: E402
+
+WORDS = ("cat dog river mountain apple seven blue quickly under planet music window garden yellow bread teacher "
+         "ocean winter number letter").split()
+
+
+def load_or_build(config, stage: str | None):
+    """(cfg, params, tokenizer, what): the stage's checkpoint if asked for and present, else random printable weights
+    with the run's tokenizer (or one trained on the generated tiny corpus at the config's vocabulary)."""
+    if stage:
+        from jaxchat.chat import load_params, load_tokenizer
+
+        try:
+            cfg, params, step = load_params(config, stage, None)
+            return cfg, params, load_tokenizer(config), f"checkpoint {config.run}/{stage} step {step}"
+        except FileNotFoundError as e:
+            print(f"{e}; using random weights", file=sys.stderr)
+    cfg = model.GPTConfig.from_config(config)
+    try:
+        tok = Tokenizer.load(paths.tokenizer_dir(config.tokenizer or config.run))
+    except FileNotFoundError:
+        from jaxchat.data.tiny_corpus import shard_documents
+
+        tok = Tokenizer.train(shard_documents(0, 0, 3_000_000), cfg.vocab_size)
+    if tok.vocab_size != cfg.vocab_size:
+        raise SystemExit(f"tokenizer has {tok.vocab_size} tokens, the config {cfg.vocab_size}")
+    printable = np.array([i < cfg.vocab_size - 9 and all(32 <= c < 127 for c in tok.token_to_bytes(i))
+                          for i in range(cfg.vocab_size)])
+    _, params = model.init(cfg, config.seed)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(config.seed), len(leaves))
+    params = treedef.unflatten([0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    params["lm_head"]["kernel"] = jnp.where(jnp.asarray(printable), params["lm_head"]["kernel"], 0.0)
+    return cfg, params, tok, "random weights (printable tokens only)"
+
+
+async def stream_one(client: httpx.AsyncClient, messages, max_tokens: int) -> dict:
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, text, usage, finish = None, [], None, None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices", []):
+                if choice["delta"].get("content"):
+                    ttft = ttft if ttft is not None else time.perf_counter() - t0
+                    text.append(choice["delta"]["content"])
+                finish = choice.get("finish_reason") or finish
+    return {"text": "".join(text), "ttft_s": ttft, "tokens": usage["completion_tokens"], "finish": finish,
+            "latency_s": time.perf_counter() - t0}
+
+
+def summarise(results: list[dict], wall: float) -> dict:
+    ttfts = sorted(r["ttft_s"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    return {"requests": len(results), "completion_tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1),
+            "ttft_p50_s": round(statistics.median(ttfts), 4),
+            "ttft_p95_s": round(ttfts[int(0.95 * (len(ttfts) - 1))], 4),
+            "latency_p50_s": round(statistics.median(r["latency_s"] for r in results), 4)}
+
+
+async def run(url: str, conversations, max_tokens: int) -> tuple[dict, list, dict, list]:
+    limits = httpx.Limits(max_connections=len(conversations) + 8, max_keepalive_connections=len(conversations) + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await stream_one(client, conversations[0], 4)  # open a connection, touch every code path once
+        t0 = time.perf_counter()
+        sequential = [await stream_one(client, m, max_tokens) for m in conversations]
+        seq = summarise(sequential, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        concurrent = await asyncio.gather(*(stream_one(client, m, max_tokens) for m in conversations))
+        conc = summarise(concurrent, time.perf_counter() - t0)
+    return seq, sequential, conc, concurrent
+
+
+def main(argv):
+    if not any(a.startswith("--config") for a in argv):
+        argv = ["--config=configs/tiny.py", *argv]
+    config, rest = C.parse_args(argv)
+    opts = dict(a.lstrip("-").split("=", 1) for a in rest)
+    n = int(opts.get("requests", 64))
+    max_tokens = int(opts.get("max-tokens", 128))
+    max_batch = int(opts.get("max-batch", 64))
+    cfg, params, tok, what = load_or_build(config, opts.get("stage"))
+    rng = np.random.default_rng(0)
+    conversations = [[{"role": "user", "content": f"Question {i}: " + " ".join(rng.choice(WORDS, 3 + i % 12))}]
+                     for i in range(n)]
+    prompt_lens = [len(tok.render_for_completion({"messages": m})) for m in conversations]
+    if max(prompt_lens) + max_tokens > cfg.sequence_len and "random" in what:
+        raise SystemExit(f"--max-tokens={max_tokens} does not fit the context {cfg.sequence_len} after prompts of up "
+                         f"to {max(prompt_lens)} tokens")
+
+    batcher = Batcher(Engine(cfg, params, tok), max_rows=max_batch, queue_size=4 * n).start()
+    batcher.wait_ready()
+    print(f"{what}; {model.num_params(params):,} parameters; warm-up {batcher.warmup_s:.1f} s", file=sys.stderr)
+    with ServerThread(create_app(batcher, model_id="bench")) as srv:
+        seq, sequential, conc, concurrent = asyncio.run(run(srv.url, conversations, max_tokens))
+        metrics = httpx.get(srv.url + "/metrics").json()
+    batcher.stop()
+
+    delivered = sum(r["tokens"] == max_tokens for r in concurrent)
+    identical = sum(a["text"] == b["text"] for a, b in zip(sequential, concurrent))
+    for name, s in (("sequential", seq), ("concurrent", conc)):
+        print(f"{name:>10}: {s['requests']} requests, {s['completion_tokens']:,} tokens in {s['wall_s']:.2f} s = "
+              f"{s['tokens_per_s']:,.0f} tok/s; TTFT p50 {1e3 * s['ttft_p50_s']:.1f} ms, p95 "
+              f"{1e3 * s['ttft_p95_s']:.1f} ms", file=sys.stderr)
+    print(f"speed-up {conc['tokens_per_s'] / seq['tokens_per_s']:.2f}x; {delivered}/{n} concurrent replies got all "
+          f"{max_tokens} tokens; {identical}/{n} identical to their sequential run; peak batch "
+          f"{metrics['peak_active_rows']}", file=sys.stderr)
+    device = jax.devices()[0]
+    print(json.dumps({"bench": "serve", "device": device.device_kind, "platform": device.platform,
+                      "config": config.run, "weights": what, "params": model.num_params(params),
+                      "max_batch": batcher.max_rows, "context": cfg.sequence_len, "max_tokens": max_tokens,
+                      "prompt_tokens_mean": round(float(np.mean(prompt_lens)), 1), "warmup_s": batcher.warmup_s,
+                      "sequential": seq, "concurrent": conc,
+                      "speedup": round(conc["tokens_per_s"] / seq["tokens_per_s"], 2),
+                      "all_tokens_delivered": delivered == n, "identical_to_sequential": identical,
+                      "peak_active_rows": metrics["peak_active_rows"],
+                      "server_tokens_per_busy_s": metrics["tokens_per_busy_s"]}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,534 @@
+"""Continuous batching: one background thread decodes every live request together; rows join and leave between steps.
+
+- A pool of `max_rows` slots shares one static KV cache (L, max_rows, S, H_kv, D), S = the model's context rounded up
+  to a power of two. Live rows are kept packed at the front: a finished row is replaced by the last live row (a jitted
+  row copy), so each step decodes only `bucket(live rows)` rows (1, 2, 4, ... max_rows) with `forward_decode_rows`,
+  attending over `bucket(longest live row)` positions (64, 128, ... S) rather than all S: decode cost follows the keys
+  read, and chats are usually much shorter than the context.
+- A new request is prefilled alone at its bucketed prompt length and written into the first free slot by one jitted
+  program that also samples its first token (`_admit`); the cache is donated to every program. Waiting requests are
+  admitted between steps, all that fit, before the next decode.
+- Sampling is per row: temperature, top-k and top-p are traced arrays and each row's key is its seed folded with its own
+  step count, exactly as `Engine.generate` keys sample 0 of a prompt, so a seeded request draws the same tokens whatever
+  else is in the batch, and the same as the engine.
+- The calculator tool and stopping reuse `Engine._advance`, the engine's own state machine, so the server and the CLI
+  cannot drift apart. Text leaves through a `StreamDecoder` per row (never half a character); special tokens appear as
+  their names, which is how tool calls reach clients (see schema.py).
+- `warm_up` compiles every program (prompt buckets; row buckets x attention buckets; the row copy) before `ready` turns
+  true, so no request ever waits on XLA; `TRACES` counts traces to prove it.
+- The thread talks to the outside only through `submit` (thread-safe and bounded: `QueueFull` once `max_rows +
+  queue_size` requests are in) and each request's `sink`, a callable the loop hands `Delta`/`Finished`/`Failed` events
+  to. The web app's sink forwards them into an asyncio queue; tests and benchmarks may pass any callable.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import logging
+import os
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxchat.engine import MIN_CACHE_BUCKET, MIN_PROMPT_BUCKET, Engine, KVCache, RowState, bucket
+from jaxchat.engine import forward_decode_rows, forward_prefill
+from jaxchat.tokenizer import StreamDecoder
+
+log = logging.getLogger("jaxchat.serve")
+TRACES: collections.Counter = collections.Counter()  # program name -> times traced
+THROUGHPUT_WINDOW_S = 10.0
+TTFT_WINDOW = 1000  # requests whose time to first token /metrics summarises
+
+
+class NotReady(RuntimeError):
+    """The loop is still compiling, has stopped, or failed to start."""
+
+
+class QueueFull(RuntimeError):
+    """Every row is busy and `queue_size` requests are already waiting for one."""
+
+
+class PromptTooLong(ValueError):
+    """The prompt leaves no room in the model's context for a reply."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.8
+    top_k: int = 50  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    text: str  # may be "" while a multi-byte character is incomplete
+    tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" (the model ended its turn) or "length" (max_tokens or the context ran out)
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = Delta | Finished | Failed
+
+
+class Ticket:
+    """A submitted request; `cancel()` frees its row at the next step (a no-op once it has finished)."""
+
+    def __init__(self, prompt: list[int], sampling: SamplingParams, sink: Callable[[Event], None]):
+        self.prompt, self.sampling, self.sink = prompt, sampling, sink
+        self.submitted = time.perf_counter()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclasses.dataclass
+class _Row:
+    ticket: Ticket
+    state: RowState
+    decoder: StreamDecoder
+    next_input: int = 0
+    length: int = 0  # positions of this row the cache holds
+    step: int = 1  # the step the next decode samples at: the first token (the admit) was step 0
+    completion_tokens: int = 0
+    ttft_s: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The jitted programs
+
+
+def _sample_one(k_static: int, logits_V, key, temperature, top_k, top_p):
+    """engine.sample_tokens plus top-p: temperature 0 → argmax; otherwise sample the full softmax when top_k = 0 and
+    top_p = 1, else the `k_static` likeliest tokens cut to the top k and then to the nucleus (p normalised over the
+    whole vocabulary; the likeliest token always stays, so top_p = 0 is greedy). With top_p = 1 this draws exactly
+    what engine.sample_tokens draws from the same key."""
+    scaled_V = logits_V / jnp.maximum(temperature, 1e-6)
+    vals_K, idx_K = jax.lax.top_k(scaled_V, k_static)
+    probs_K = jnp.exp(vals_K - jax.nn.logsumexp(scaled_V))
+    rank_K = jnp.arange(k_static)
+    in_nucleus_K = (top_p >= 1.0) | ((jnp.cumsum(probs_K) - probs_K) < top_p)
+    keep_K = (in_nucleus_K & ((top_k <= 0) | (rank_K < top_k))) | (rank_K == 0)
+    key_k, key_full = jax.random.split(key)
+    truncated = idx_K[jax.random.categorical(key_k, jnp.where(keep_K, vals_K, -jnp.inf))]
+    full = jax.random.categorical(key_full, scaled_V)
+    sampled = jnp.where((top_k <= 0) & (top_p >= 1.0), full, truncated)
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits_V)).astype(jnp.int32)
+
+
+def _sample(logits_BxV, seeds_B, steps_B, temperature_B, top_k_B, top_p_B, max_top_k: int):
+    # Engine.generate's keys for sample 0 of a prompt (row_keys, then folded with the step), so a seeded request draws
+    # what the engine would draw.
+    row_key = lambda seed, step: jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 0), step)
+    keys_B = jax.vmap(row_key)(seeds_B, steps_B)
+    k_static = min(max_top_k, logits_BxV.shape[-1])
+    return jax.vmap(functools.partial(_sample_one, k_static))(logits_BxV, keys_B, temperature_B, top_k_B, top_p_B)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_top_k"), donate_argnames=("cache",))
+def _admit(cfg, max_top_k, params, cache: KVCache, tokens_1xT, length_1, slot, seed_1, temperature_1, top_k_1, top_p_1):
+    """Prefill one prompt into row `slot` and sample its first token."""
+    TRACES["admit"] += 1
+    logits_1xV, k_LxTxHxD, v_LxTxHxD = forward_prefill(cfg, params, tokens_1xT, length_1)
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, slot, zero, zero, zero)
+    k_all = jax.lax.dynamic_update_slice(cache.k_LxBxSxHxD, k_LxTxHxD.astype(cache.k_LxBxSxHxD.dtype), start)
+    v_all = jax.lax.dynamic_update_slice(cache.v_LxBxSxHxD, v_LxTxHxD.astype(cache.v_LxBxSxHxD.dtype), start)
+    lengths_B = cache.lengths_B.at[slot].set(length_1[0])
+    first_1 = _sample(logits_1xV, seed_1, jnp.zeros((1,), jnp.int32), temperature_1, top_k_1, top_p_1, max_top_k)
+    return first_1, KVCache(k_all, v_all, lengths_B)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_top_k", "attend_len"), donate_argnames=("cache",))
+def _decode(cfg, max_top_k, attend_len, params, cache: KVCache, tokens_b, seeds_b, steps_b, temperature_b, top_k_b,
+            top_p_b):
+    """One token for each of the first b rows, attending over the first `attend_len` positions."""
+    TRACES["decode"] += 1
+    logits_bxV, cache = forward_decode_rows(cfg, params, cache, tokens_b, attend_len)
+    return _sample(logits_bxV, seeds_b, steps_b, temperature_b, top_k_b, top_p_b, max_top_k), cache
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _move_row(cache: KVCache, src, dst):
+    TRACES["move_row"] += 1
+    return KVCache(cache.k_LxBxSxHxD.at[:, dst].set(cache.k_LxBxSxHxD[:, src]),
+                   cache.v_LxBxSxHxD.at[:, dst].set(cache.v_LxBxSxHxD[:, src]),
+                   cache.lengths_B.at[dst].set(cache.lengths_B[src]))
+
+
+def _i32(x):
+    return np.asarray(x, np.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class Batcher:
+    """The continuous-batching generation backend the web app serves from (see the module docstring)."""
+
+    def __init__(self, engine: Engine, *, max_rows: int = 32, queue_size: int = 256):
+        if max_rows < 1 or queue_size < 0:
+            raise ValueError(f"need max_rows >= 1 and queue_size >= 0, got {max_rows} and {queue_size}")
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.cfg = engine.cfg
+        self.context_len = engine.cfg.sequence_len
+        self.max_rows = bucket(max_rows, 1)  # a power of two, so every row bucket fits
+        self.queue_size = queue_size
+        self.cache_len = bucket(self.context_len, MIN_PROMPT_BUCKET)  # any prompt bucket fits, then the reply
+        self._cache: KVCache | None = None
+        self._rows: list[_Row] = []  # row i lives in cache slot i
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.status = "warming_up"  # -> "ok" when compiled and looping, "failed" if warm-up or the thread died
+        self.error: str | None = None
+        self.warmup_s: float | None = None
+        self._started_at = time.time()
+        self._m = collections.Counter()
+        self._ttfts: collections.deque[float] = collections.deque(maxlen=TTFT_WINDOW)
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
+        self._peak_rows = 0
+        self._busy_s = 0.0
+
+    # -- life cycle
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ok" and not self._stopping
+
+    def start(self) -> Batcher:
+        """Warm up and serve in a background thread; returns at once (poll `ready`, or `wait_ready`)."""
+        if self._thread is not None:
+            raise RuntimeError("this Batcher was already started")
+        self._thread = threading.Thread(target=self._run, name="jaxchat-batcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.status == "warming_up":
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the batcher did not finish warming up within {timeout} s")
+            time.sleep(0.05)
+        if self.status != "ok":
+            raise NotReady(f"the batcher failed to start: {self.error}")
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the public door
+
+    def submit(self, prompt: Sequence[int], sampling: SamplingParams, sink: Callable[[Event], None]) -> Ticket:
+        """Queue a request. Raises NotReady, PromptTooLong, QueueFull, or ValueError for a bad parameter."""
+        if not self.ready:
+            raise NotReady(self._not_ready_reason())
+        prompt = [int(t) for t in prompt]
+        n = len(prompt)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.context_len:
+            raise PromptTooLong(f"the conversation is {n:,} tokens but this model's context is {self.context_len:,} "
+                                f"tokens, and the reply needs at least one: shorten it or drop earlier messages")
+        if not all(0 <= t < self.cfg.vocab_size for t in prompt):
+            raise ValueError(f"the prompt has a token id outside the model's vocabulary [0, {self.cfg.vocab_size})")
+        if sampling.max_tokens < 1 or not 0 <= sampling.temperature or not 0 <= sampling.top_p <= 1:
+            raise ValueError(f"invalid sampling parameters {sampling}")
+        top_k = self._top_k(sampling.top_k)
+        sampling = dataclasses.replace(sampling, top_k=top_k, max_tokens=min(sampling.max_tokens, self.context_len - n))
+        ticket = Ticket(prompt, sampling, sink)
+        with self._cond:
+            if len(self._rows) + len(self._waiting) >= self.max_rows + self.queue_size:
+                self._m["rejected_queue_full"] += 1
+                raise QueueFull(f"the server is at capacity ({self.max_rows} generating, {len(self._waiting)} "
+                                f"waiting); retry shortly")
+            self._waiting.append(ticket)
+            self._m["submitted"] += 1
+            self._cond.notify()
+        return ticket
+
+    def _not_ready_reason(self) -> str:
+        if self._stopping:
+            return "the server is shutting down"
+        if self.status == "failed":
+            return f"the generation loop failed: {self.error}"
+        return "the model is still warming up (compiling); retry in a few seconds"
+
+    def _top_k(self, top_k: int) -> int:
+        if top_k <= 0 or top_k >= self.cfg.vocab_size:
+            return 0
+        if top_k > self.engine.max_top_k:
+            raise ValueError(f"top_k={top_k} is above this server's bound {self.engine.max_top_k}")
+        return int(top_k)
+
+    # -- metrics
+
+    def metrics(self) -> dict:
+        with self._cond:
+            self._forget_old_steps()
+            recent_tokens = sum(n for _, n in self._recent)
+            ttfts = sorted(self._ttfts)
+            m = dict(self._m)
+            waiting, active = len(self._waiting), len(self._rows)
+        pct = lambda q: ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] if ttfts else None
+        return {
+            "status": self.status,
+            "uptime_s": round(time.time() - self._started_at, 3),
+            "warmup_s": self.warmup_s,
+            "requests_submitted": m.get("submitted", 0),
+            "requests_completed": m.get("completed", 0),
+            "requests_cancelled": m.get("cancelled", 0),
+            "requests_failed": m.get("failed", 0),
+            "requests_rejected_queue_full": m.get("rejected_queue_full", 0),
+            "queue_depth": waiting,
+            "queue_size": self.queue_size,
+            "active_rows": active,
+            "max_rows": self.max_rows,
+            "peak_active_rows": self._peak_rows,
+            "tokens_generated": m.get("tokens", 0),
+            "decode_steps": m.get("steps", 0),
+            "tokens_per_s": round(recent_tokens / THROUGHPUT_WINDOW_S, 2),  # over the last window, idle time included
+            "tokens_per_busy_s": round(m.get("tokens", 0) / self._busy_s, 2) if self._busy_s else None,
+            "ttft_s": {"count": len(ttfts), "mean": sum(ttfts) / len(ttfts) if ttfts else None,
+                       "p50": pct(0.5), "p95": pct(0.95), "max": ttfts[-1] if ttfts else None},
+        }
+
+    def _forget_old_steps(self) -> None:  # callers hold the lock
+        cutoff = time.perf_counter() - THROUGHPUT_WINDOW_S
+        while self._recent and self._recent[0][0] < cutoff:
+            self._recent.popleft()
+
+    # -- the thread
+
+    def _run(self) -> None:
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")  # CPUs cannot donate
+        try:
+            self.warm_up()
+        except Exception as e:  # a model that cannot even compile must say why, not hang at "warming up"
+            log.error("warm-up failed:\n%s", traceback.format_exc())
+            self.error, self.status = f"{type(e).__name__}: {e}", "failed"
+            return
+        self.status = "ok"
+        while not self._stopping:
+            try:
+                self._iterate()
+            except Exception as e:  # noqa: BLE001 -- the loop must outlive any one bad step
+                log.error("generation step failed:\n%s", traceback.format_exc())
+                self._fail_everything(f"internal error in the generation loop: {type(e).__name__}: {e}")
+        self._fail_everything("the server is shutting down")
+
+    def warm_up(self, workers: int | None = None) -> None:
+        """Compile every program the loop can run (each prompt bucket, each row bucket x attention bucket, the row
+        copy) in parallel threads from shapes alone (XLA compiles without the GIL, and jit's caches keep the result),
+        then run one admit and one decode for real so a runtime failure (memory) shows now rather than on a request."""
+        t0 = time.perf_counter()
+        sds = jax.ShapeDtypeStruct
+        params = jax.tree.map(lambda x: sds(x.shape, x.dtype), self.engine.params)
+        kv = sds((self.cfg.n_layer, self.max_rows, self.cache_len, self.cfg.n_kv_head, self.cfg.head_dim),
+                 jnp.dtype(self.cfg.compute_dtype))
+        cache = KVCache(kv, kv, sds((self.max_rows,), jnp.int32))
+        i32, u32, f32 = (lambda *shape: sds(shape, jnp.int32)), (lambda *shape: sds(shape, jnp.uint32)), \
+            (lambda *shape: sds(shape, jnp.float32))
+        cfg, k = self.cfg, self.engine.max_top_k
+        jobs = [functools.partial(_admit.lower, cfg, k, params, cache, i32(1, T), i32(1), i32(), u32(1), f32(1), i32(1),
+                                  f32(1)) for T in self._buckets(MIN_PROMPT_BUCKET, self._max_prompt_bucket())]
+        jobs += [functools.partial(_decode.lower, cfg, k, s, params, cache, i32(b), u32(b), i32(b), f32(b), i32(b),
+                                   f32(b)) for b in self._buckets(1, self.max_rows) for s in self._attend_buckets()]
+        jobs.append(functools.partial(_move_row.lower, cache, i32(), i32()))
+        with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            for future in [pool.submit(lambda job=job: job().compile()) for job in jobs]:
+                future.result()
+        self._cache = self._new_cache()
+        pad_prompt = np.full((1, MIN_PROMPT_BUCKET), self.engine.pad_id, np.int32)
+        first, self._cache = self._call_admit(self._cache, pad_prompt, 1, 0, 0, 0.0, 0, 1.0)
+        sampled, self._cache = self._call_decode(self._cache, self._attend_buckets()[0], [self.engine.pad_id], [0], [0],
+                                                 [0.0], [0], [1.0])
+        jax.block_until_ready((first, sampled))
+        self._cache = self._new_cache()
+        self.warmup_s = round(time.perf_counter() - t0, 3)
+        log.info("warm-up compiled %d programs in %.1f s", len(jobs), self.warmup_s)
+
+    def _max_prompt_bucket(self) -> int:
+        return bucket(self.context_len - 1, MIN_PROMPT_BUCKET)
+
+    def _attend_buckets(self) -> list[int]:
+        return self._buckets(min(MIN_CACHE_BUCKET, self.cache_len), self.cache_len)
+
+    @staticmethod
+    def _buckets(lo: int, hi: int) -> list[int]:
+        out = [lo]
+        while out[-1] < hi:
+            out.append(out[-1] * 2)
+        return out
+
+    def _new_cache(self) -> KVCache:
+        return KVCache.zeros(self.cfg, self.max_rows, self.cache_len)
+
+    def _call_admit(self, cache, tokens_1xT, length, slot, seed, temperature, top_k, top_p):
+        first, cache = _admit(self.cfg, self.engine.max_top_k, self.engine.params, cache, tokens_1xT,
+                              _i32([length]), _i32(slot), np.asarray([seed], np.uint32),
+                              np.asarray([temperature], np.float32), _i32([top_k]), np.asarray([top_p], np.float32))
+        return first, cache
+
+    def _call_decode(self, cache, attend_len, tokens, seeds, steps, temperature, top_k, top_p):
+        return _decode(self.cfg, self.engine.max_top_k, attend_len, self.engine.params, cache, _i32(tokens),
+                       np.asarray(seeds, np.uint32), _i32(steps), np.asarray(temperature, np.float32), _i32(top_k),
+                       np.asarray(top_p, np.float32))
+
+    def _iterate(self) -> None:
+        with self._cond:
+            while not self._rows and not self._waiting and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return
+            admitted = []
+            while self._waiting and len(self._rows) + len(admitted) < self.max_rows:
+                admitted.append(self._waiting.popleft())
+        t0 = time.perf_counter()
+        produced = 0
+        for ticket in admitted:
+            if ticket.cancelled:
+                self._count("cancelled")
+                continue
+            produced += self._admit_one(ticket)
+        self._drop_cancelled()
+        self._compact()  # rows that ended on their first token or were cancelled take no decode step
+        if self._rows:
+            produced += self._step()
+            self._compact()
+        with self._cond:
+            self._peak_rows = max(self._peak_rows, len(self._rows))
+            self._recent.append((time.perf_counter(), produced))
+            self._forget_old_steps()
+            self._busy_s += time.perf_counter() - t0
+
+    def _admit_one(self, ticket: Ticket) -> int:
+        s, prompt = ticket.sampling, ticket.prompt
+        T = bucket(len(prompt), MIN_PROMPT_BUCKET)
+        tokens_1xT = np.full((1, T), self.engine.pad_id, np.int32)
+        tokens_1xT[0, :len(prompt)] = prompt
+        slot = len(self._rows)
+        first, self._cache = self._call_admit(self._cache, tokens_1xT, len(prompt), slot, s.seed % 2**32,
+                                              s.temperature, s.top_k, s.top_p)
+        row = _Row(ticket, RowState(s.max_tokens), StreamDecoder(self.tokenizer), length=len(prompt))
+        row.ttft_s = time.perf_counter() - ticket.submitted
+        with self._cond:
+            self._ttfts.append(row.ttft_s)
+        self._rows.append(row)
+        self._take(row, int(np.asarray(first)[0]))
+        return 1
+
+    def _step(self) -> int:
+        n = len(self._rows)
+        b = bucket(n, 1)
+        pad = b - n
+        rows = self._rows
+        # Attend over a bucket of the longest live row, not the whole context: decode cost follows the keys read.
+        attend_len = min(self.cache_len, bucket(max(r.length for r in rows) + 1, MIN_CACHE_BUCKET))
+        sampled, self._cache = self._call_decode(
+            self._cache, attend_len,
+            [r.next_input for r in rows] + [self.engine.pad_id] * pad,
+            [r.ticket.sampling.seed % 2**32 for r in rows] + [0] * pad,
+            [r.step for r in rows] + [0] * pad,
+            [r.ticket.sampling.temperature for r in rows] + [0.0] * pad,
+            [r.ticket.sampling.top_k for r in rows] + [0] * pad,
+            [r.ticket.sampling.top_p for r in rows] + [1.0] * pad)
+        sampled = np.asarray(sampled)
+        for i, row in enumerate(rows):
+            row.step += 1
+            row.length += 1
+            self._take(row, int(sampled[i]))
+        self._count("steps")
+        return n
+
+    def _take(self, row: _Row, sampled: int) -> None:
+        """Run the engine's tool/stop state machine on a sampled token and send the row's new text."""
+        token, _ = self.engine._advance(row.state, sampled)  # noqa: SLF001 -- the one tool state machine, shared
+        row.next_input = token
+        stopped = token in self.engine.stop_ids
+        text = ""
+        if not stopped:
+            row.completion_tokens += 1
+            text = row.decoder.feed(token)
+        if row.state.done:
+            text += row.decoder.flush()
+        self._count("tokens")
+        if text or not stopped:
+            self._send(row, Delta(text, 0 if stopped else 1))
+        if row.state.done:
+            self._send(row, Finished("stop" if stopped else "length", len(row.ticket.prompt), row.completion_tokens,
+                                     row.ttft_s))
+            if not row.ticket.cancelled:
+                self._count("completed")
+
+    def _send(self, row: _Row, event: Event) -> None:
+        if row.ticket.cancelled:
+            return
+        try:
+            row.ticket.sink(event)
+        except Exception:  # noqa: BLE001 -- a consumer that went away (closed event loop) just ends its row
+            log.debug("sink failed; cancelling the request:\n%s", traceback.format_exc())
+            row.ticket.cancel()
+
+    def _drop_cancelled(self) -> None:
+        for row in self._rows:
+            if row.ticket.cancelled and not row.state.done:
+                row.state.done = True
+                self._count("cancelled")
+
+    def _compact(self) -> None:
+        """Free finished rows, moving the last live row into each hole so live rows stay packed at the front."""
+        for i in reversed(range(len(self._rows))):
+            if not self._rows[i].state.done:
+                continue
+            last = len(self._rows) - 1
+            if i != last:
+                self._cache = _move_row(self._cache, _i32(last), _i32(i))
+                self._rows[i] = self._rows[last]
+            self._rows.pop()
+
+    def _fail_everything(self, message: str) -> None:
+        with self._cond:
+            tickets = [r.ticket for r in self._rows] + list(self._waiting)
+            self._waiting.clear()
+        self._rows = []
+        for ticket in tickets:
+            if not ticket.cancelled:
+                self._count("failed")
+                try:
+                    ticket.sink(Failed(message))
+                except Exception:  # noqa: BLE001
+                    pass
+        if not self._stopping:
+            self._cache = self._new_cache()  # a failed program may have consumed the donated cache
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._cond:
+            self._m[name] += n

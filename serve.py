@@ -1,0 +1,94 @@
+"""Web chat + OpenAI-compatible API for a trained checkpoint.
+
+    python serve.py --config=configs/tiny.py [--stage=sft] [--step=N] [--host 127.0.0.1] [--port 8000]
+                    [-t 0.8] [-k 50] [-m 512] [--max-batch 32] [--queue-size 256] [--config.field=value ...]
+
+Open http://127.0.0.1:8000/ for the chat page; point any OpenAI client at http://127.0.0.1:8000/v1. The server listens
+at once but answers chat requests (and /health) only after every program is compiled; the console says when.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import warnings
+
+from jaxchat.config import ConfigError, parse_args
+
+
+def parse_cli(argv: list[str]):
+    ap = argparse.ArgumentParser(prog="python serve.py", description="Serve a jaxchat model: web chat + OpenAI API. "
+                                 "Also takes --config=configs/<name>.py (required) and --config.<field>=<value>.")
+    ap.add_argument("--stage", default="sft", help="checkpoint stage: base, mid, sft, rl (default sft)")
+    ap.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    ap.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 exposes it to the network)")
+    ap.add_argument("-p", "--port", type=int, default=8000)
+    ap.add_argument("-t", "--temperature", type=float, default=0.8, help="default when a request leaves it out")
+    ap.add_argument("-k", "--top-k", type=int, default=50, help="default when a request leaves it out (0 = off)")
+    ap.add_argument("-m", "--max-tokens", type=int, default=512, help="default reply length limit per request")
+    ap.add_argument("--max-batch", type=int, default=32,
+                    help="rows decoded together (rounded up to a power of two); sizes the KV cache")
+    ap.add_argument("--queue-size", type=int, default=256, help="requests that may wait for a row before 429s")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    if "-h" in argv or "--help" in argv:
+        ap.parse_args(["--help"])
+    config, rest = parse_args(argv)
+    args = ap.parse_args(rest)
+    if not 0 <= args.temperature <= 2 or not 0 <= args.top_k <= 200 or not 1 <= args.max_tokens <= 4096:
+        ap.error("defaults must respect the API's limits: temperature 0-2, top-k 0-200, max tokens 1-4096")
+    return config, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from jaxchat.chat import load_params, load_tokenizer
+    from jaxchat.checkpoint import CheckpointError, IncompatibleCheckpointError
+
+    try:
+        config, args = parse_cli(argv)
+        cfg, params, step = load_params(config, args.stage, args.step)
+        tokenizer = load_tokenizer(config)
+    except (ConfigError, FileNotFoundError, CheckpointError, IncompatibleCheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if tokenizer.vocab_size != cfg.vocab_size:
+        print(f"error: tokenizer has {tokenizer.vocab_size} tokens but the model has {cfg.vocab_size}; "
+              f"set --config.tokenizer to the tokenizer the run was trained with", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from jaxchat import model
+    from jaxchat.engine import Engine
+    from jaxchat.web.app import GenerationDefaults, create_app
+    from jaxchat.web.batcher import Batcher
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")  # CPUs cannot donate
+    model_id = f"jaxchat-{config.run}-{args.stage}-{step}"
+    print(f"loaded {config.run}/{args.stage} step {step} ({model.num_params(params):,} parameters)", file=sys.stderr)
+    batcher = Batcher(Engine(cfg, params, tokenizer), max_rows=args.max_batch, queue_size=args.queue_size).start()
+    defaults = GenerationDefaults(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
+    app = create_app(batcher, model_id=model_id, defaults=defaults)
+    url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
+
+    def announce():
+        try:
+            batcher.wait_ready()
+        except Exception as e:  # noqa: BLE001 -- reported; /health says "failed"
+            print(f"error: {e}", file=sys.stderr)
+            return
+        print(f"ready: {model_id} at {url}/ (API {url}/v1, warm-up {batcher.warmup_s:.1f} s)", file=sys.stderr)
+
+    print(f"warming up (compiling {batcher.max_rows}-row decode and every prompt bucket)...", file=sys.stderr)
+    threading.Thread(target=announce, daemon=True).start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        batcher.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
