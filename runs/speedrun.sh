@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# The d20 speedrun: nanochat's October 2025 "$100" pipeline on one 8-GPU node (about 4 hours on 8xH100).
+#
+#   bash runs/speedrun.sh                      # d20: download, tokenizer, base, CORE, mid, SFT, chat evals, report
+#   bash runs/speedrun.sh --depth 26           # another tier of the depth dial (run name d26)
+#   bash runs/speedrun.sh --rl                 # also the optional RL stage on GSM8K
+#   bash runs/speedrun.sh --config.device_batch_size=16   # any config field, passed to every step
+#
+# Options: --depth N, --config FILE (default configs/d20.py), --run NAME, --shards N (default: enough for the
+# horizon), --rl, --cpu (CPU jax, no CUDA wheels), --offline (no downloads: for the embedded tiny corpus),
+# --no-venv (use $PYTHON or python3.12 as it is). runs/tiny.sh is this script on configs/tiny.py, CPU, offline.
+#
+# Resumable: re-run the same command after an interruption. Finished steps are skipped (their markers are in
+# $JAXCHAT_HOME/runs/<run>/speedrun/), downloads skip valid files, and training resumes from its checkpoint.
+# Delete a marker to redo that step. Logs: $JAXCHAT_HOME/runs/<run>/speedrun/logs/<step>.log.
+# One JAX process drives all 8 GPUs of the node; for several nodes see docs/multihost.md.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
+
+CONFIG=configs/d20.py DEPTH="" RUN="" SHARDS="" WITH_RL=0 CPU=0 OFFLINE=0 VENV=1
+OVERRIDES=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --depth) DEPTH=$2; shift 2 ;;
+    --depth=*) DEPTH=${1#*=}; shift ;;
+    --config) CONFIG=$2; shift 2 ;;
+    --config=*) CONFIG=${1#*=}; shift ;;
+    --run) RUN=$2; shift 2 ;;
+    --run=*) RUN=${1#*=}; shift ;;
+    --shards) SHARDS=$2; shift 2 ;;
+    --shards=*) SHARDS=${1#*=}; shift ;;
+    --rl) WITH_RL=1; shift ;;
+    --cpu) CPU=1; shift ;;
+    --offline) OFFLINE=1; shift ;;
+    --no-venv) VENV=0; shift ;;
+    --config.*) OVERRIDES+=("$1"); shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "error: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
+  esac
+done
+# Another depth is another model: give it its own run (checkpoints, tokenizer) unless one is named.
+if [[ -n "$DEPTH" ]]; then OVERRIDES+=("--config.depth=$DEPTH"); RUN=${RUN:-d$DEPTH}; fi
+if [[ -n "$RUN" ]]; then OVERRIDES+=("--config.run=$RUN"); fi
+ARGS=("--config=$CONFIG" "${OVERRIDES[@]}")
+
+export OMP_NUM_THREADS=1  # the data pipeline's threads, not XLA's, do the CPU work
+export JAXCHAT_HOME=${JAXCHAT_HOME:-$HOME/.cache/jaxchat}
+if [[ $CPU == 1 ]]; then export JAX_PLATFORMS=cpu; fi
+if [[ $OFFLINE == 1 ]]; then export JAXCHAT_OFFLINE=1; fi
+
+# ---- 1. Python environment: a venv with the pinned stack (CUDA 12 jax on GPU, see requirements.txt's header)
+if [[ $VENV == 1 ]]; then
+  [[ -x .venv/bin/python ]] || python3.12 -m venv .venv
+  PY=.venv/bin/python
+  JAX_VERSION=$(grep -E '^jax==' requirements.txt | cut -d= -f3)
+  if [[ $CPU == 1 ]]; then WANT=(-r requirements.txt); else WANT=(-r requirements.txt "jax[cuda12]==$JAX_VERSION"); fi
+  STAMP="$(cat requirements.txt) ${WANT[*]}"
+  if [[ "$(cat .venv/.jaxchat-installed 2>/dev/null)" != "$STAMP" ]]; then
+    "$PY" -m pip install -q "${WANT[@]}"
+    printf '%s' "$STAMP" > .venv/.jaxchat-installed
+  fi
+else
+  PY=${PYTHON:-python3.12}
+fi
+
+# What the config resolves to: run name, tokenizer name and the shards its horizon needs (4.8 chars per token and
+# 250M chars per shard, as the reference's arithmetic, plus 10% spare).
+read -r RUN TOKENIZER NEED_SHARDS < <("$PY" - "${ARGS[@]}" <<'EOF'
+import math, sys
+from jaxchat import config as C
+c, _ = C.parse_args(sys.argv[1:])
+d = C.derive(c, 8)
+print(c.run, c.tokenizer or c.run, math.ceil(d.num_iterations * d.total_batch_size * 4.8 / 250e6 * 1.1))
+EOF
+)
+[[ -n "${NEED_SHARDS:-}" ]] || { echo "error: could not read the config (see above)" >&2; exit 2; }
+SHARDS=${SHARDS:-$NEED_SHARDS}
+STATE="$JAXCHAT_HOME/runs/$RUN/speedrun"
+mkdir -p "$STATE/logs"
+echo "speedrun: run $RUN, config $CONFIG ${OVERRIDES[*]}, JAXCHAT_HOME=$JAXCHAT_HOME, logs in $STATE/logs"
+
+# step NAME CMD...: run once (skipped when its marker exists), output to the console and NAME.log
+step() {
+  local name=$1; shift
+  if [[ -f "$STATE/$name.done" ]]; then echo "== $name: done earlier, skipping"; return; fi
+  echo "== $name: $*"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee -a "$STATE/logs/$name.log"
+  touch "$STATE/$name.done"
+  echo "== $name: finished in $((SECONDS - t0))s"
+}
+
+# ---- 2. Data: 8 shards now (enough for the tokenizer), the rest and the task datasets in the background
+DOWNLOAD_PID="" TASKS_PID=""
+if [[ $OFFLINE == 0 ]]; then
+  step data-first "$PY" -m jaxchat.data.download -n 8
+  if [[ ! -f "$STATE/data-all.done" ]]; then
+    ( "$PY" -m jaxchat.data.download -n "$SHARDS" > "$STATE/logs/data-all.log" 2>&1 && touch "$STATE/data-all.done" ) &
+    DOWNLOAD_PID=$!
+  fi
+  if [[ ! -f "$STATE/tasks.done" ]]; then
+    ( "$PY" -m jaxchat.data.hub fetch-all > "$STATE/logs/tasks.log" 2>&1 && touch "$STATE/tasks.done" ) &
+    TASKS_PID=$!
+  fi
+fi
+wait_for() {  # wait_for PID WHAT: a failed background download stops the run here, with its log
+  [[ -z "$1" ]] && return
+  echo "== waiting for $2 (log: $STATE/logs/$3.log)"
+  wait "$1" || { echo "error: $2 failed; see $STATE/logs/$3.log, then re-run this script" >&2; exit 1; }
+}
+
+# ---- 3. Tokenizer (trained on the first shards, while the rest download)
+if [[ -f "$JAXCHAT_HOME/tokenizer/$TOKENIZER/tokenizer.json" ]]; then touch "$STATE/tokenizer.done"; fi
+step tokenizer "$PY" train.py "${ARGS[@]}" --stage=tokenizer
+
+# ---- 4. Base pretraining, then CORE
+wait_for "$DOWNLOAD_PID" "the download of $SHARDS shards" data-all
+step base "$PY" train.py "${ARGS[@]}" --stage=base
+step eval-base "$PY" -m jaxchat.evaluate "${ARGS[@]}" --stage=base
+
+# ---- 5. Mid-training and SFT, each followed by the chat evaluations
+wait_for "$TASKS_PID" "the task datasets" tasks
+step mid "$PY" train.py "${ARGS[@]}" --stage=mid
+step eval-mid "$PY" -m jaxchat.evaluate "${ARGS[@]}" --stage=mid
+step sft "$PY" train.py "${ARGS[@]}" --stage=sft
+step eval-sft "$PY" -m jaxchat.evaluate "${ARGS[@]}" --stage=sft
+
+# ---- 6. Optional RL on GSM8K
+if [[ $WITH_RL == 1 ]]; then
+  step rl "$PY" train.py "${ARGS[@]}" --stage=rl
+  step eval-rl "$PY" -m jaxchat.evaluate "${ARGS[@]}" --stage=rl
+fi
+
+# ---- 7. The report card (always re-rendered: it is cheap and reflects whatever has run)
+"$PY" -m jaxchat.evaluate.report "${ARGS[@]}" 2>&1 | tee "$STATE/logs/report.log"
+echo "speedrun: done. Report: $JAXCHAT_HOME/runs/$RUN/report.md"
+echo "chat with it: $PY -m jaxchat.chat ${ARGS[*]} --stage=$([[ $WITH_RL == 1 ]] && echo rl || echo sft)"
