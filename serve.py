@@ -42,19 +42,14 @@ def parse_cli(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from jaxchat.chat import load_params, load_tokenizer
+    from jaxchat.chat import load_model
     from jaxchat.checkpoint import CheckpointError, IncompatibleCheckpointError
 
     try:
         config, args = parse_cli(argv)
-        cfg, params, step = load_params(config, args.stage, args.step)
-        tokenizer = load_tokenizer(config)
-    except (ConfigError, FileNotFoundError, CheckpointError, IncompatibleCheckpointError) as e:
+        cfg, params, step, tokenizer = load_model(config, args.stage, args.step)
+    except (ConfigError, ValueError, FileNotFoundError, CheckpointError, IncompatibleCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if tokenizer.vocab_size != cfg.vocab_size:
-        print(f"error: tokenizer has {tokenizer.vocab_size} tokens but the model has {cfg.vocab_size}; "
-              f"set --config.tokenizer to the tokenizer the run was trained with", file=sys.stderr)
         return 2
 
     import uvicorn

@@ -63,6 +63,17 @@ def load_tokenizer(config) -> Tokenizer:
     return Tokenizer.load(paths.tokenizer_dir(config.tokenizer or config.run))
 
 
+def load_model(config, stage: str, step: int | None = None):
+    """(GPTConfig, params, step, tokenizer) of a stage's checkpoint, or a clear error: FileNotFoundError (no
+    checkpoint or tokenizer), CheckpointError, or ValueError when the tokenizer does not fit the model."""
+    cfg, params, step = load_params(config, stage, step)
+    tokenizer = load_tokenizer(config)
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model has {cfg.vocab_size}; "
+                         f"set --config.tokenizer to the tokenizer the run was trained with")
+    return cfg, params, step, tokenizer
+
+
 def reply(engine: Engine, conversation: list[int], args, out=None) -> list[int]:
     """Stream one assistant reply to `out` (default stdout); return its tokens, ending with <|assistant_end|>."""
     out = out or sys.stdout
@@ -126,14 +137,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config, args = parse_cli(argv)
-        cfg, params, step = load_params(config, args.stage, args.step)
-        tokenizer = load_tokenizer(config)
-    except (ConfigError, FileNotFoundError, CheckpointError, IncompatibleCheckpointError) as e:
+        cfg, params, step, tokenizer = load_model(config, args.stage, args.step)
+    except (ConfigError, ValueError, FileNotFoundError, CheckpointError, IncompatibleCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if tokenizer.vocab_size != cfg.vocab_size:
-        print(f"error: tokenizer has {tokenizer.vocab_size} tokens but the model has {cfg.vocab_size}; "
-              f"set --config.tokenizer to the tokenizer the run was trained with", file=sys.stderr)
         return 2
     print(f"loaded {config.run}/{args.stage} step {step} ({model.num_params(params):,} parameters)", file=sys.stderr)
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")  # CPU cannot donate

@@ -130,26 +130,32 @@ def forward_prefill(cfg: GPTConfig, params, tokens_BxT, lengths_B, all_logits: b
     return _head(cfg, params, x), jnp.stack(ks), jnp.stack(vs)
 
 
-def forward_decode(cfg: GPTConfig, params, cache: KVCache, tokens_B):
-    """One new token per row at position `cache.lengths_B`: writes its K/V, attends over the row's cache.
-    Returns (logits (B, V), cache with lengths + 1)."""
+def forward_decode(cfg: GPTConfig, params, cache: KVCache, tokens_b, attend_len: int | None = None):
+    """One new token for each of the first b = len(tokens_b) rows (all rows, normally) at position `cache.lengths_B`:
+    writes its K/V, attends over the row's cache. Returns (logits (b, V), cache with lengths_B[:b] + 1); rows b..
+    are untouched.
+
+    A server decodes a power-of-two bucket of its live rows packed at the front of a larger cache, without slicing
+    them out and back in (a copy of b rows of every layer, twice per step). `attend_len` (static; default the whole
+    cache) limits attention to the first positions, every row's position being below it: decode cost follows the
+    keys read, so a server passes a bucket of its longest live row rather than the full context."""
     dtype = jnp.dtype(cfg.compute_dtype)
-    B, S = tokens_B.shape[0], cache.max_len
-    pos_B = cache.lengths_B
-    cos, sin = model.rotary_tables(pos_B[:, None], cfg.head_dim, cfg.rope_base, dtype)
-    mask_Bx1x1xS = (jnp.arange(S)[None, :] <= pos_B[:, None])[:, None, None, :]
-    rows_B = jnp.arange(B)
+    b, S = tokens_b.shape[0], attend_len or cache.max_len
+    pos_b = cache.lengths_B[:b]
+    cos, sin = model.rotary_tables(pos_b[:, None], cfg.head_dim, cfg.rope_base, dtype)
+    mask_bx1x1xS = (jnp.arange(S)[None, :] <= pos_b[:, None])[:, None, None, :]
+    rows_b = jnp.arange(b)
     k_all, v_all = cache.k_LxBxSxHxD, cache.v_LxBxSxHxD
-    x = _embed(cfg, params, tokens_B[:, None])
+    x = _embed(cfg, params, tokens_b[:, None])
     for layer, p in enumerate(_blocks(params)):
         q, k, v = _qkv(cfg, p["attn"], model.rms_norm(x), cos, sin)
         # mode="drop": a row past the end of the cache (finished, still being fed) writes nowhere; the default
         # clamping would overwrite its last valid key instead.
-        k_all = k_all.at[layer, rows_B, pos_B].set(k[:, 0], mode="drop")
-        v_all = v_all.at[layer, rows_B, pos_B].set(v[:, 0], mode="drop")
-        x = x + _attend(cfg, p["attn"], q, k_all[layer], v_all[layer], mask_Bx1x1xS)
+        k_all = k_all.at[layer, rows_b, pos_b].set(k[:, 0], mode="drop")
+        v_all = v_all.at[layer, rows_b, pos_b].set(v[:, 0], mode="drop")
+        x = x + _attend(cfg, p["attn"], q, k_all[layer, :b, :S], v_all[layer, :b, :S], mask_bx1x1xS)
         x = x + _mlp(p["mlp"], model.rms_norm(x))
-    return _head(cfg, params, x[:, 0]), KVCache(k_all, v_all, pos_B + 1)
+    return _head(cfg, params, x[:, 0]), KVCache(k_all, v_all, cache.lengths_B.at[:b].add(1))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -350,7 +356,7 @@ class Engine:
             column, masks, active = [], [], []
             for b, row in enumerate(rows):
                 was_active = not row.done
-                token, mask = self._advance(row, int(sampled[b]))
+                token, mask = self.advance(row, int(sampled[b]))
                 column.append(token)
                 masks.append(mask)
                 active.append(was_active)
@@ -361,7 +367,7 @@ class Engine:
             next_B, cache = decode_step(self.cfg, self.max_top_k, self.params, cache, np.asarray(column, np.int32),
                                         keys_B, np.int32(step), temperature_B, top_k_B)
 
-    def _advance(self, row: RowState, sampled: int) -> tuple[int, int]:
+    def advance(self, row: RowState, sampled: int) -> tuple[int, int]:
         """Choose row's token (forced tool output first), update its tool and stop state; return (token, mask)."""
         if row.done:
             return sampled, 0  # filler: the row's cache position is past its end and its output is complete
@@ -397,32 +403,3 @@ class Engine:
                     results[b].append(token)
                     masks[b].append(mask)
         return results, masks
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Serving: a slot pool keeps its live rows packed at the front of one large cache
-
-
-def forward_decode_rows(cfg: GPTConfig, params, cache: KVCache, tokens_b, attend_len: int | None = None):
-    """`forward_decode` for the first b = len(tokens_b) rows of a cache with B >= b rows; rows b.. are untouched.
-
-    A server decodes a power-of-two bucket of its live rows without slicing them out of (and back into) the cache, which
-    would copy b rows of every layer twice per step. `attend_len` (static, default the whole cache) limits attention to
-    the first positions: every row's position must be below it. Decode cost follows the keys read, so a server passes
-    a bucket of its longest live row rather than the full context. Returns (logits (b, V), cache with
-    lengths_B[:b] + 1)."""
-    dtype = jnp.dtype(cfg.compute_dtype)
-    b, S = tokens_b.shape[0], attend_len or cache.max_len
-    pos_b = cache.lengths_B[:b]
-    cos, sin = model.rotary_tables(pos_b[:, None], cfg.head_dim, cfg.rope_base, dtype)
-    mask_bx1x1xS = (jnp.arange(S)[None, :] <= pos_b[:, None])[:, None, None, :]
-    rows_b = jnp.arange(b)
-    k_all, v_all = cache.k_LxBxSxHxD, cache.v_LxBxSxHxD
-    x = _embed(cfg, params, tokens_b[:, None])
-    for layer, p in enumerate(_blocks(params)):
-        q, k, v = _qkv(cfg, p["attn"], model.rms_norm(x), cos, sin)
-        k_all = k_all.at[layer, rows_b, pos_b].set(k[:, 0], mode="drop")  # drop: see forward_decode
-        v_all = v_all.at[layer, rows_b, pos_b].set(v[:, 0], mode="drop")
-        x = x + _attend(cfg, p["attn"], q, k_all[layer, :b, :S], v_all[layer, :b, :S], mask_bx1x1xS)
-        x = x + _mlp(p["mlp"], model.rms_norm(x))
-    return _head(cfg, params, x[:, 0]), KVCache(k_all, v_all, cache.lengths_B.at[:b].add(1))

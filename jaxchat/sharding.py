@@ -111,6 +111,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def sum_over_processes(values: list[int]) -> list[int]:
+    """Element-wise sum of small integer lists (e.g. eval counts) over all processes; the identity in one process."""
+    if jax.process_count() == 1:
+        return list(values)
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int64)))
+    return [int(v) for v in gathered.reshape(jax.process_count(), -1).sum(axis=0)]
+
+
 def initialize_distributed() -> bool:
     """Start jax.distributed when launched as one of several processes (SLURM, or coordinator env vars).
 

@@ -141,10 +141,10 @@ def tool_server():
 HELLO = [{"role": "user", "content": "hello there"}]
 
 
-# ---- the engine addition ---------------------------------------------------------------------------------------------
+# ---- decoding a prefix of the rows -------------------------------------------------------------------------------------------
 
 
-def test_forward_decode_rows_equals_forward_decode_on_the_prefix_and_leaves_other_rows_alone():
+def test_decoding_a_prefix_of_the_rows_equals_decoding_them_alone_and_leaves_the_rest():
     params = random_params()
     rng = np.random.default_rng(0)
     k = jnp.asarray(rng.normal(size=(CFG.n_layer, 4, 64, CFG.n_kv_head, CFG.head_dim)), jnp.float32)
@@ -152,7 +152,7 @@ def test_forward_decode_rows_equals_forward_decode_on_the_prefix_and_leaves_othe
     tokens = jnp.asarray([11, 22], jnp.int32)
     prefix = engine.KVCache(k[:, :2], -k[:, :2], cache.lengths_B[:2])
     want_logits, want = jax.jit(engine.forward_decode, static_argnums=0)(CFG, params, prefix, tokens)
-    got_logits, got = jax.jit(engine.forward_decode_rows, static_argnums=0)(CFG, params, cache, tokens)
+    got_logits, got = jax.jit(engine.forward_decode, static_argnums=0)(CFG, params, cache, tokens)
     np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(got.k_LxBxSxHxD[:, :2]), np.asarray(want.k_LxBxSxHxD), rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(got.k_LxBxSxHxD[:, 2:]), np.asarray(k[:, 2:]))

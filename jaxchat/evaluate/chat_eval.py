@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from jaxchat.evaluate.core import bucket
 from jaxchat.tasks import CHATCORE_TASKS
 from jaxchat.tasks.base import Task
 
@@ -41,10 +42,6 @@ class TaskResult:
     @property
     def centered(self) -> float:
         return (self.accuracy - self.baseline) / (1.0 - self.baseline)
-
-
-def _bucket(n: int, minimum: int) -> int:
-    return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
 def _problem_indices(task: Task, max_problems: int, pidx: int, pcount: int) -> list[int]:
@@ -91,7 +88,7 @@ def categorical_eval(last_logits, tokenizer, task: Task, *, seq_len: int, batch_
     for start in range(0, len(indices), batch_size):
         chunk = [task[i] for i in indices[start:start + batch_size]]
         prompts = [_crop_left(tokenizer.render_for_completion(conv), seq_len) for conv in chunk]
-        T = min(seq_len, _bucket(max(len(p) for p in prompts), MIN_T))
+        T = min(seq_len, bucket(max(len(p) for p in prompts), MIN_T))
         tokens = np.full((batch_size, T), tokenizer.bos_id, np.int32)  # fixed B: one compile per T bucket
         lengths = np.ones((batch_size,), np.int32)
         for i, p in enumerate(prompts):
@@ -136,17 +133,6 @@ def generative_eval(engine, tokenizer, task: Task, *, num_samples: int = 1, max_
     return TaskResult(task.name, correct, len(indices), time.perf_counter() - t0, task.baseline, example, pass_at)
 
 
-def _sum_across_processes(values: list[int]) -> list[int]:
-    import jax
-
-    if jax.process_count() == 1:
-        return values
-    from jax.experimental import multihost_utils
-
-    gathered = multihost_utils.process_allgather(np.asarray(values, np.int64))
-    return [int(v) for v in np.asarray(gathered).reshape(jax.process_count(), -1).sum(axis=0)]
-
-
 def chat_core(results: dict[str, TaskResult]) -> dict[str, float]:
     """ChatCORE over the reference's six tasks (only when all ran), ChatCORE_cat over the categorical three."""
     out = {}
@@ -164,6 +150,8 @@ def run_chat_eval(tasks: dict[str, Task], *, graphdef, params, engine, tokenizer
     "ChatCORE"?: x, "ChatCORE_cat"?: x}."""
     import jax
 
+    from jaxchat.sharding import sum_over_processes
+
     pidx, pcount = jax.process_index(), jax.process_count()
     last_logits = None
     results: dict[str, TaskResult] = {}
@@ -177,7 +165,7 @@ def run_chat_eval(tasks: dict[str, Task], *, graphdef, params, engine, tokenizer
                                 max_tokens=eval_cfg.max_tokens, temperature=eval_cfg.temperature,
                                 top_k=eval_cfg.top_k, problems_per_batch=eval_cfg.generate_batch,
                                 max_problems=eval_cfg.max_problems, pidx=pidx, pcount=pcount)
-        r.correct, r.total = _sum_across_processes([r.correct, r.total])
+        r.correct, r.total = sum_over_processes([r.correct, r.total])
         results[name] = r
         rate = r.total / r.seconds if r.seconds > 0 else math.inf
         log(f"{name:<14} {r.accuracy:7.2%}  ({r.correct}/{r.total}, {r.seconds:.1f}s, {rate:.1f} problems/s)")

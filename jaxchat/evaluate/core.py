@@ -83,7 +83,8 @@ def spans(token_lists: Sequence[Sequence[int]], task_type: str) -> list[tuple[in
 
 
 # -- scoring ---------------------------------------------------------------------------------------
-def _bucket(n: int, minimum: int) -> int:
+def bucket(n: int, minimum: int) -> int:
+    """The smallest power of two >= max(n, minimum)."""
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
@@ -174,12 +175,12 @@ def run_rows(stats_fn: StatsFn, rows: Sequence[Sequence[int]], pad_id: int, max_
     """Per-row (nll, match) for many rows: rows are sorted by length and batched `batch_rows` at a time, right-padded
     to a power-of-two T (>= 16), B fixed (a power of two), so a handful of shapes compile and little is padding."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    B = _bucket(min(batch_rows, max(1, len(rows))), 1)
+    B = bucket(min(batch_rows, max(1, len(rows))), 1)
     nll_out: list = [None] * len(rows)
     match_out: list = [None] * len(rows)
     for start in range(0, len(order), B):
         chunk = order[start:start + B]
-        T = _bucket(max(len(rows[i]) for i in chunk), 16)
+        T = bucket(max(len(rows[i]) for i in chunk), 16)
         if max_seq_len is not None:
             T = min(T, max_seq_len)
         batch = np.full((B, T), pad_id, dtype=np.int32)
@@ -295,17 +296,6 @@ def evaluate_task(stats_fn: StatsFn, tokenizer, data: Sequence[dict], task: dict
     return correct, len(prepared)
 
 
-def _sum_over_processes(values: list[int]) -> list[int]:
-    import jax
-
-    if jax.process_count() == 1:
-        return values
-    from jax.experimental import multihost_utils
-
-    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int64)))
-    return [int(v) for v in gathered.reshape(jax.process_count(), -1).sum(axis=0)]
-
-
 def evaluate_core(
     stats_fn: StatsFn,
     tokenizer,
@@ -319,6 +309,8 @@ def evaluate_core(
     across processes and the counts summed, so every host scores a disjoint share."""
     import jax
 
+    from jaxchat.sharding import sum_over_processes
+
     bundle_dir = Path(bundle_dir or eval_bundle_dir())
     verify_bundle(bundle_dir)
     baselines = random_baselines(bundle_dir / "eval_meta_data.csv")
@@ -331,7 +323,7 @@ def evaluate_core(
         t0 = time.perf_counter()
         correct, total = evaluate_task(stats_fn, tokenizer, data, task, max_seq_len, batch_rows,
                                        jax.process_index(), jax.process_count())
-        correct, total = _sum_over_processes([correct, total])
+        correct, total = sum_over_processes([correct, total])
         acc = correct / total if total else 0.0
         results[label] = acc
         centered_results[label] = centered(acc, baselines[label])

@@ -40,7 +40,7 @@ def evaluate_stage(config, stage: str, tasks: list[str] | None = None, step: int
     import jax
 
     from jaxchat import model
-    from jaxchat.chat import load_params, load_tokenizer
+    from jaxchat.chat import load_model
     from jaxchat.data.fetch import FetchError
     from jaxchat.data.hub import HubDatasetUnavailable
     from jaxchat.data.hub import offline as hub_offline
@@ -54,8 +54,7 @@ def evaluate_stage(config, stage: str, tasks: list[str] | None = None, step: int
     unknown = [t for t in tasks if t != "CORE" and t not in EVAL_TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from CORE, {', '.join(EVAL_TASKS)}")
-    cfg, params, ckpt_step = load_params(config, stage, step)
-    tokenizer = load_tokenizer(config)
+    cfg, params, ckpt_step, tokenizer = load_model(config, stage, step)
     graphdef, _ = model.abstract_params(cfg)
     out_dir = paths.run_dir(config.run, stage)
     out_dir.mkdir(parents=True, exist_ok=True)

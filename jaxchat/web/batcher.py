@@ -2,7 +2,7 @@
 
 - A pool of `max_rows` slots shares one static KV cache (L, max_rows, S, H_kv, D), S = the model's context rounded up
   to a power of two. Live rows are kept packed at the front: a finished row is replaced by the last live row (a jitted
-  row copy), so each step decodes only `bucket(live rows)` rows (1, 2, 4, ... max_rows) with `forward_decode_rows`,
+  row copy), so each step decodes only `bucket(live rows)` rows (1, 2, 4, ... max_rows) with `forward_decode`,
   attending over `bucket(longest live row)` positions (64, 128, ... S) rather than all S: decode cost follows the keys
   read, and chats are usually much shorter than the context.
 - A new request is prefilled alone at its bucketed prompt length and written into the first free slot by one jitted
@@ -11,7 +11,7 @@
 - Sampling is per row: temperature, top-k and top-p are traced arrays and each row's key is its seed folded with its own
   step count, exactly as `Engine.generate` keys sample 0 of a prompt, so a seeded request draws the same tokens whatever
   else is in the batch, and the same as the engine.
-- The calculator tool and stopping reuse `Engine._advance`, the engine's own state machine, so the server and the CLI
+- The calculator tool and stopping reuse `Engine.advance`, the engine's own state machine, so the server and the CLI
   cannot drift apart. Text leaves through a `StreamDecoder` per row (never half a character); special tokens appear as
   their names, which is how tool calls reach clients (see schema.py).
 - `warm_up` compiles every program (prompt buckets; row buckets x attention buckets; the row copy) before `ready` turns
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxchat.engine import MIN_CACHE_BUCKET, MIN_PROMPT_BUCKET, Engine, KVCache, RowState, bucket
-from jaxchat.engine import forward_decode_rows, forward_prefill
+from jaxchat.engine import forward_decode, forward_prefill
 from jaxchat.tokenizer import StreamDecoder
 
 log = logging.getLogger("jaxchat.serve")
@@ -165,7 +165,7 @@ def _decode(cfg, max_top_k, attend_len, params, cache: KVCache, tokens_b, seeds_
             top_p_b):
     """One token for each of the first b rows, attending over the first `attend_len` positions."""
     TRACES["decode"] += 1
-    logits_bxV, cache = forward_decode_rows(cfg, params, cache, tokens_b, attend_len)
+    logits_bxV, cache = forward_decode(cfg, params, cache, tokens_b, attend_len)
     return _sample(logits_bxV, seeds_b, steps_b, temperature_b, top_k_b, top_p_b, max_top_k), cache
 
 
@@ -470,7 +470,7 @@ class Batcher:
 
     def _take(self, row: _Row, sampled: int) -> None:
         """Run the engine's tool/stop state machine on a sampled token and send the row's new text."""
-        token, _ = self.engine._advance(row.state, sampled)  # noqa: SLF001 -- the one tool state machine, shared
+        token, _ = self.engine.advance(row.state, sampled)  # the one tool state machine, shared with the CLI
         row.next_input = token
         stopped = token in self.engine.stop_ids
         text = ""
