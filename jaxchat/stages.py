@@ -193,6 +193,8 @@ def chat_stage(config, name: str, tokenizer, source: str) -> tuple[trainer.Stage
 
 def _metric_fn(config, sc, tokenizer):
     """SFT's periodic categorical accuracy (the reference tracks MMLU and ARC-Easy); tasks without data are dropped."""
+    from jaxchat.data.fetch import FetchError
+    from jaxchat.data.hub import HubDatasetUnavailable
     from jaxchat.evaluate.chat_eval import categorical_eval, make_last_logits
     from jaxchat.tasks import eval_task
 
@@ -200,8 +202,8 @@ def _metric_fn(config, sc, tokenizer):
     for name in [t.strip() for t in sc.sft.metric_tasks.split(",") if t.strip()]:
         try:
             task = eval_task(name)
-            len(task)
-        except Exception as e:  # noqa: BLE001 - a missing dataset only costs this metric, with the reason shown
+            len(task)  # loads (or downloads) the data now
+        except (HubDatasetUnavailable, FetchError, FileNotFoundError) as e:  # costs only this metric, reason shown
             print(f"sft: skipping the {name} metric: {str(e).splitlines()[0]}", flush=True)
             continue
         tasks[name] = task
