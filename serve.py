@@ -12,7 +12,6 @@ import argparse
 import logging
 import sys
 import threading
-import warnings
 
 from jaxchat.config import ConfigError, parse_args
 
@@ -60,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     from jaxchat.web.batcher import Batcher
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")  # CPUs cannot donate
     model_id = f"jaxchat-{config.run}-{args.stage}-{step}"
     print(f"loaded {config.run}/{args.stage} step {step} ({model.num_params(params):,} parameters)", file=sys.stderr)
     batcher = Batcher(Engine(cfg, params, tokenizer), max_rows=args.max_batch, queue_size=args.queue_size).start()

@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -60,7 +59,6 @@ def main(argv):
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--single", type=int, default=32)
     args = ap.parse_args(rest)
-    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
     docs = tiny_corpus.shard_documents(0, 0, 3_000_000)
     tok = Tokenizer.train(iter(docs), config.vocab_size)

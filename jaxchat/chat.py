@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 import jax
 
@@ -142,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"loaded {config.run}/{args.stage} step {step} ({model.num_params(params):,} parameters)", file=sys.stderr)
-    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")  # CPU cannot donate
     engine = Engine(cfg, params, tokenizer)
     try:
         chat_loop(engine, args)

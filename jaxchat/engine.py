@@ -4,8 +4,8 @@ Notable features:
 - `KVCache` is a small dataclass pytree: k, v of shape (L, B, S, H_kv, D) in the compute dtype (GQA/MQA store only the
   kv heads) and per-row lengths (B,) int32. S and the prompt length are bucketed to powers of two (and the number of
   prompts too), so a handful of compiled programs cover every request; `TRACES` counts traces to prove it.
-- The cached forward is a pure function over `model.py`'s params dict with the same math (embedding → rms_norm →
-  pre-norm blocks with RoPE then QK-norm and a ReLU² MLP → rms_norm → head → softcap); tests hold it to `model.forward`.
+- The cached forward applies `model.py`'s own pure pieces (project_qkv, relu2_mlp, softcapped_logits, embed) to the
+  params dict, adding only the cache writes and masks; tests hold it to `model.forward`.
 - Rows are independent: right-padded prompts of different lengths, per-row positions (RoPE at `lengths_b + t`), keys
   masked by position (`j <= pos`, which also hides the padding and anything beyond a row's length), cache writes as a
   scatter that drops out-of-range rows instead of clamping (so a finished row can never overwrite valid keys).
@@ -71,37 +71,32 @@ def bucket(n: int, minimum: int) -> int:
 # The cached forward: pure functions over model.py's params dict (kernels are (in, out)).
 
 
-def _dense(x, p):
-    return x @ p["kernel"].astype(x.dtype)
+def _dense(p):
+    return lambda x: x @ p["kernel"].astype(x.dtype)
 
 
 def _embed(cfg: GPTConfig, params, tokens_BxT):
-    return model.rms_norm(params["wte"].astype(jnp.dtype(cfg.compute_dtype))[tokens_BxT])
+    return model.embed(cfg, params["wte"], tokens_BxT)
 
 
 def _qkv(cfg: GPTConfig, p_attn, x_BxTxD, cos, sin):
-    B, T, _ = x_BxTxD.shape
-    q = _dense(x_BxTxD, p_attn["c_q"]).reshape(B, T, cfg.n_head, cfg.head_dim)
-    k = _dense(x_BxTxD, p_attn["c_k"]).reshape(B, T, cfg.n_kv_head, cfg.head_dim)
-    v = _dense(x_BxTxD, p_attn["c_v"]).reshape(B, T, cfg.n_kv_head, cfg.head_dim)
-    # Same order as model.Attention: rotary first, then QK-norm.
-    return model.rms_norm(model.apply_rotary(q, cos, sin)), model.rms_norm(model.apply_rotary(k, cos, sin)), v
+    c_q, c_k, c_v = (_dense(p_attn[name]) for name in ("c_q", "c_k", "c_v"))
+    return model.project_qkv(cfg, x_BxTxD, c_q, c_k, c_v, cos, sin)
 
 
 def _attend(cfg: GPTConfig, p_attn, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask):
     B, T = q_BxTxHxD.shape[:2]
     # Explicit mask: is_causal aligns to the wrong corner when queries < keys (environment.md).
     y = jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, implementation="xla")
-    return _dense(y.reshape(B, T, cfg.n_head * cfg.head_dim), p_attn["c_proj_attn"])
+    return _dense(p_attn["c_proj_attn"])(y.reshape(B, T, cfg.n_head * cfg.head_dim))
 
 
 def _mlp(p_mlp, x):
-    return _dense(jnp.square(jax.nn.relu(_dense(x, p_mlp["c_fc"]))), p_mlp["c_proj_mlp"])
+    return model.relu2_mlp(x, _dense(p_mlp["c_fc"]), _dense(p_mlp["c_proj_mlp"]))
 
 
 def _head(cfg: GPTConfig, params, x):
-    logits = _dense(model.rms_norm(x), params["lm_head"]).astype(jnp.float32)
-    return cfg.softcap * jnp.tanh(logits / cfg.softcap)
+    return model.softcapped_logits(cfg, x, _dense(params["lm_head"]))
 
 
 def _blocks(params):

@@ -97,6 +97,32 @@ def apply_rotary(x_BxTxHxD, cos, sin):
     return jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], axis=-1)
 
 
+# The block's math as pure functions of the projections (callables), shared by the NNX modules below and by the
+# engine's cached forward (engine.py), which applies them to the params dict: one definition of the model.
+
+
+def project_qkv(cfg, x_BxTxD, c_q, c_k, c_v, cos, sin):
+    """q (B, T, H, D), k and v (B, T, H_kv, D); rotary first, then QK-norm, as the reference."""
+    B, T, _ = x_BxTxD.shape
+    q = c_q(x_BxTxD).reshape(B, T, cfg.n_head, cfg.head_dim)
+    k = c_k(x_BxTxD).reshape(B, T, cfg.n_kv_head, cfg.head_dim)
+    v = c_v(x_BxTxD).reshape(B, T, cfg.n_kv_head, cfg.head_dim)
+    return rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin)), v
+
+
+def relu2_mlp(x, c_fc, c_proj):
+    return c_proj(jnp.square(jax.nn.relu(c_fc(x))))
+
+
+def softcapped_logits(cfg, x, lm_head):
+    logits = lm_head(rms_norm(x)).astype(jnp.float32)
+    return cfg.softcap * jnp.tanh(logits / cfg.softcap)
+
+
+def embed(cfg, wte, idx_BxT):
+    return rms_norm(wte.astype(jnp.dtype(cfg.compute_dtype))[idx_BxT])
+
+
 class Linear(nnx.Module):
     """A bias-free linear layer with an fp32 (in, out) kernel, cast to the activation dtype at use."""
 
@@ -126,10 +152,7 @@ class Attention(nnx.Module):
     def __call__(self, x_BxTxD, cos, sin, mask=None):
         cfg = self.cfg
         B, T, _ = x_BxTxD.shape
-        q = self.c_q(x_BxTxD).reshape(B, T, cfg.n_head, cfg.head_dim)
-        k = self.c_k(x_BxTxD).reshape(B, T, cfg.n_kv_head, cfg.head_dim)
-        v = self.c_v(x_BxTxD).reshape(B, T, cfg.n_kv_head, cfg.head_dim)
-        q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
+        q, k, v = project_qkv(cfg, x_BxTxD, self.c_q, self.c_k, self.c_v, cos, sin)
         # GQA: K/V keep n_kv_head heads; dot_product_attention groups the queries over them without a copy.
         if mask is None:
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=_impl(cfg, q.dtype))
@@ -149,7 +172,7 @@ class MLP(nnx.Module):
         self.c_proj_mlp = Linear(4 * cfg.n_embd, cfg.n_embd, zero_init=True, rngs=rngs)
 
     def __call__(self, x):
-        return self.c_proj_mlp(jnp.square(jax.nn.relu(self.c_fc(x))))
+        return relu2_mlp(x, self.c_fc, self.c_proj_mlp)
 
 
 class Block(nnx.Module):
@@ -177,11 +200,10 @@ class GPT(nnx.Module):
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rotary_tables(positions_BxT, cfg.head_dim, cfg.rope_base, dtype)
-        x = rms_norm(self.wte[...].astype(dtype)[idx_BxT])
+        x = embed(cfg, self.wte[...], idx_BxT)
         for block in self.blocks:
             x = block(x, cos, sin, mask)
-        logits_BxTxV = self.lm_head(rms_norm(x)).astype(jnp.float32)
-        return cfg.softcap * jnp.tanh(logits_BxTxV / cfg.softcap)
+        return softcapped_logits(cfg, x, self.lm_head)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -214,7 +214,6 @@ def make_sampler(graphdef, tokenizer, prompts: Iterable[str], max_new_tokens: in
 
     def sample(params) -> list[str]:
         tokens, lens = buffer.copy(), lengths.copy()
-        start = lens.copy()
         for _ in range(max_new_tokens):
             if (lens >= width).all():
                 break

@@ -157,3 +157,21 @@ class Empty(Task):
 def test_empty_task_reports_zero():
     r = chat_eval.categorical_eval(None, TOK, Empty(), seq_len=64)
     assert (r.correct, r.total, r.accuracy) == (0, 0, 0.0)
+
+
+def test_eval_json_merges_tasks_of_one_step_and_recomputes_chatcore(tmp_path):
+    from jaxchat.evaluate.run import _save
+
+    def part(step, **accs):
+        tasks = {n: {"accuracy": a, "centered": a - 0.1} for n, a in accs.items()}
+        return {"step": step, "skipped": {"GSM8K": "offline"}, "chat": {"tasks": tasks}}
+
+    path = tmp_path / "eval.json"
+    _save(path, part(5, **{"ARC-Easy": 0.5, "ARC-Challenge": 0.4, "MMLU": 0.3}))
+    merged = _save(path, part(5, GSM8K=0.2, HumanEval=0.1, SpellingBee=0.6))
+    assert set(merged["chat"]["tasks"]) == {"ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"}
+    assert merged["chat"]["ChatCORE"] == pytest.approx((0.4 + 0.3 + 0.2 + 0.1 + 0.0 + 0.5) / 6)
+    assert merged["chat"]["ChatCORE_cat"] == pytest.approx((0.4 + 0.3 + 0.2) / 3)
+    assert "GSM8K" not in merged["skipped"]  # evaluated since
+    fresh = _save(path, part(6, MMLU=0.9))  # a new checkpoint step starts afresh
+    assert set(fresh["chat"]["tasks"]) == {"MMLU"} and "ChatCORE" not in fresh["chat"]

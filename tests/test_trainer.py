@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,12 +11,13 @@ import argparse
 import json
 import os
 import sys
-import warnings
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from jaxchat import paths
 from jaxchat.config import ConfigError, parse_args
+from jaxchat.tasks import CHATCORE_TASKS
 
 STAGES = ("base", "mid", "sft", "rl")
 
@@ -62,6 +63,7 @@ def evaluate_stage(config, stage: str, tasks: list[str] | None = None, step: int
     summary: dict = {"step": ckpt_step, "skipped": {}}
 
     if "CORE" in tasks:
+        t0 = time.perf_counter()
         try:
             bundle = paths.eval_bundle_dir() if hub_offline() else core.download_bundle()
             if not (Path(bundle) / "core.yaml").exists():
@@ -78,10 +80,12 @@ def evaluate_stage(config, stage: str, tasks: list[str] | None = None, step: int
             summary["core"] = result
             log(f"CORE {result['core']:.4f}")
             _record(config, stage, "core", {"CORE": result["core"], **{f"{k} (centered)": v
-                                                                       for k, v in result["centered"].items()}})
+                                                                       for k, v in result["centered"].items()},
+                                            "wall_time_s": time.perf_counter() - t0})
 
     chat_names = [t for t in tasks if t != "CORE"]
     if chat_names:
+        t0 = time.perf_counter()
         available = {}
         for name in chat_names:
             try:
@@ -93,21 +97,23 @@ def evaluate_stage(config, stage: str, tasks: list[str] | None = None, step: int
                 log(f"{name} skipped: {summary['skipped'][name]}")
                 continue
             available[name] = task
-        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")  # CPU cannot donate
         engine = Engine(cfg, params, tokenizer)
         result = chat_eval.run_chat_eval(available, graphdef=graphdef, params=params, engine=engine,
                                          tokenizer=tokenizer, seq_len=cfg.sequence_len, eval_cfg=config.eval, log=log)
         summary["chat"] = result
-        section = {name: r["accuracy"] for name, r in result["tasks"].items()}
-        section.update({k: result[k] for k in ("ChatCORE", "ChatCORE_cat") if k in result})
-        _record(config, stage, "chat_eval", section)
+        chat_seconds = time.perf_counter() - t0
 
     if jax.process_index() == 0:
-        _save(out_dir / "eval.json", summary)
+        merged = _save(out_dir / "eval.json", summary)
+        if "chat" in summary:  # the section holds every task evaluated on this step, not only this invocation's
+            tasks_done = merged["chat"]["tasks"]
+            section = {name: r["accuracy"] for name, r in tasks_done.items()}
+            section.update({k: merged["chat"][k] for k in ("ChatCORE", "ChatCORE_cat") if k in merged["chat"]})
+            _record(config, stage, "chat_eval", {**section, "wall_time_s": chat_seconds})
     return summary
 
 
-def _save(path: Path, summary: dict) -> None:
+def _save(path: Path, summary: dict) -> dict:
     """Merge into eval.json: results of the same checkpoint step accumulate task by task; a new step starts afresh."""
     try:
         old = json.loads(path.read_text())
@@ -119,11 +125,16 @@ def _save(path: Path, summary: dict) -> None:
     if "chat" in old and "chat" in summary:
         merged["chat"] = {**old["chat"], **summary["chat"],
                           "tasks": {**old["chat"].get("tasks", {}), **summary["chat"]["tasks"]}}
+        done = merged["chat"]["tasks"]
+        for key, names in (("ChatCORE", CHATCORE_TASKS), ("ChatCORE_cat", CHATCORE_TASKS[:3])):
+            if all(n in done for n in names):  # recomputed over the merged tasks
+                merged["chat"][key] = sum(done[n]["centered"] for n in names) / len(names)
     for name in [*merged.get("chat", {}).get("tasks", {}), *(["CORE"] if "core" in merged else [])]:
         merged["skipped"].pop(name, None)  # evaluated now, whatever an earlier attempt said
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(merged, indent=1, default=float) + "\n")
     os.replace(tmp, path)
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:

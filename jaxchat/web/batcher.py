@@ -31,7 +31,6 @@ import os
 import threading
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Sequence
 
 import jax
@@ -328,7 +327,6 @@ class Batcher:
     # -- the thread
 
     def _run(self) -> None:
-        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")  # CPUs cannot donate
         try:
             self.warm_up()
         except Exception as e:  # a model that cannot even compile must say why, not hang at "warming up"
