@@ -2,6 +2,7 @@
 process striding, ChatCORE centering by hand, and the real jitted paths on a tiny random model."""
 import numpy as np
 import pytest
+from fixtures_model import random_params
 from fixtures_tok import ByteTokenizer
 
 from jaxchat import engine as E
@@ -130,11 +131,7 @@ def test_real_model_paths_agree_with_a_full_forward():
     """make_last_logits gathers the right position; the real engine runs generative eval end to end."""
     cfg = model.GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, sequence_len=128,
                           compute_dtype="float32")
-    graphdef, params = model.init(cfg, seed=0)
-    import jax
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(3), len(leaves))
-    params = treedef.unflatten([0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    graphdef, params = random_params(cfg, seed=3)
     tokens = np.full((2, 16), TOK.bos_id, np.int32)
     tokens[0, :5] = TOK.encode("hello")
     tokens[1, :9] = TOK.encode("abcdefghi")

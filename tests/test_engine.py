@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fixtures_model
 from fixtures_tok import ByteTokenizer
 from jaxchat import engine, model
 
@@ -22,10 +23,7 @@ def tiny(n_kv_head=4, **kw):
 def random_params(cfg, seed=1, scale=0.3):
     """Every weight random (zero-init projections and head would make all logits equal), special-token columns of the
     head zeroed so greedy decoding never stops or calls the tool: those paths have their own tests."""
-    graphdef, params = model.init(cfg)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    params = treedef.unflatten([scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    graphdef, params = fixtures_model.random_params(cfg, seed, scale)
     params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, 256:].set(0.0)
     return graphdef, params
 

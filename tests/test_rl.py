@@ -6,6 +6,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from fixtures_model import random_params
 from fixtures_tok import ByteTokenizer
 
 from jaxchat import config as C
@@ -38,10 +39,7 @@ def test_rows_train_only_sampled_tokens():
 def test_pg_loss_by_hand():
     cfg = model.GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, sequence_len=16,
                           compute_dtype="float32")
-    graphdef, params = model.init(cfg, seed=0)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = treedef.unflatten([0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    graphdef, params = random_params(cfg)
     rows = [[1, 2, 10, 11, 12, 13, 14, 15], [1, 2, 20]]
     masks = [[0, 0, 1, 1, 1, 0, 0, 1], [0, 0, 1]]
     inputs, targets = rl.build_rows(rows, masks, PAD, seq_len=8)

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+import fixtures_model
 import httpx
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 
 from jaxchat import engine, model
+from test_engine import CLI_CONFIG
 from jaxchat.tokenizer import Tokenizer, render_for_completion
 from jaxchat.web import batcher as batcher_mod
 from jaxchat.web.app import GenerationDefaults, ServerThread, create_app
@@ -52,10 +54,7 @@ def _printable(tok) -> np.ndarray:
 
 
 def random_params(seed=1, scale=0.3):
-    _, params = model.init(CFG)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    params = treedef.unflatten([scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    _, params = fixtures_model.random_params(CFG, seed, scale)
     params["lm_head"]["kernel"] = jnp.where(jnp.asarray(_printable(tokenizer())), params["lm_head"]["kernel"], 0.0)
     return params
 
@@ -441,16 +440,6 @@ def test_batcher_direct_use_streams_events_in_order():
 
 
 # ---- the CLI ---------------------------------------------------------------------------------------------------------
-
-CLI_CONFIG = """
-from jaxchat.config import default_config
-
-def get_config():
-    c = default_config()
-    c.depth, c.model_dim, c.n_head, c.head_dim = 2, 64, 4, 16
-    c.vocab_size, c.sequence_len, c.compute_dtype = 300, 64, "float32"
-    return c
-"""
 
 
 def test_serve_cli_without_a_checkpoint_names_the_training_command(tmp_path, monkeypatch, capsys):
