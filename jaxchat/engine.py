@@ -16,7 +16,8 @@ Notable features:
 - The host loop yields token columns as they come (streaming), stops rows on `<|assistant_end|>`/`<|bos|>`, and runs the
   calculator tool: tokens between `<|python_start|>` and `<|python_end|>` are evaluated by `sandbox.use_calculator` and
   the result is forced in as `<|output_start|>result<|output_end|>` with mask 0.
-- Decode attends over the whole S bucket each step (masked), so its cost follows the bucket, not the live length.
+- Decode attends over a power-of-two bucket of the longest unfinished row (at most the cache), so a step's cost
+  follows the live length in steps of two, with a handful of compiled variants.
 """
 from __future__ import annotations
 
@@ -206,11 +207,13 @@ def prefill(cfg: GPTConfig, max_top_k: int, params, cache: KVCache, tokens_PxT, 
     return next_B, KVCache(k_all, v_all, jnp.repeat(lengths_P, n).astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_top_k"), donate_argnames=("cache",))
-def decode_step(cfg: GPTConfig, max_top_k: int, params, cache: KVCache, tokens_B, keys_B, step, temperature_B, top_k_B):
-    """Feed one token per row, sample the next one per row."""
+@functools.partial(jax.jit, static_argnames=("cfg", "max_top_k", "attend_len"), donate_argnames=("cache",))
+def decode_step(cfg: GPTConfig, max_top_k: int, params, cache: KVCache, tokens_B, keys_B, step, temperature_B, top_k_B,
+                attend_len: int | None = None):
+    """Feed one token per row, sample the next one per row. `attend_len` (static): attend over the first positions
+    only; every unfinished row's position must be below it."""
     TRACES["decode"] += 1
-    logits_BxV, cache = forward_decode(cfg, params, cache, tokens_B)
+    logits_BxV, cache = forward_decode(cfg, params, cache, tokens_B, attend_len)
     return sample_tokens(logits_BxV, _step_keys(keys_B, step), temperature_B, top_k_B, max_top_k), cache
 
 
@@ -359,8 +362,12 @@ class Engine:
             if all(row.done for row in rows):
                 return
             step += 1
+            # Attend over a power-of-two bucket of the longest unfinished row, not the whole cache: decode reads
+            # every key it attends over, so early steps of a long budget cost what their length needs.
+            live = max(lengths[b // n] for b, row in enumerate(rows) if not row.done) + step
+            attend = min(S, bucket(live, self.min_cache_bucket))
             next_B, cache = decode_step(self.cfg, self.max_top_k, self.params, cache, np.asarray(column, np.int32),
-                                        keys_B, np.int32(step), temperature_B, top_k_B)
+                                        keys_B, np.int32(step), temperature_B, top_k_B, attend_len=attend)
 
     def advance(self, row: RowState, sampled: int) -> tuple[int, int]:
         """Choose row's token (forced tool output first), update its tool and stop state; return (token, mask)."""
