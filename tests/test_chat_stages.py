@@ -14,8 +14,8 @@ from jaxchat import stages
 from jaxchat.data.chat import chat_dataset, mixture_pairs
 from jaxchat.tasks.mixtures import mixture
 
-CHAT = ["--config.mid.mixture=tiny", "--config.sft.mixture=tiny", "--config.mid.num_iterations=8",
-        "--config.mid.save_every=4", "--config.mid.eval_every=4", "--config.mid.sample_every=0",
+CHAT = ["--config.mid.mixture=tiny", "--config.sft.mixture=tiny", "--config.mid.num_iterations=16",
+        "--config.mid.save_every=4", "--config.mid.eval_every=8", "--config.mid.sample_every=0",
         "--config.sft.num_iterations=4", "--config.sft.sample_every=0", "--config.sft.eval_every=4",
         "--config.sft.device_batch_size=4", "--config.sft.sequence_len=64", "--config.sft.metric_every=2",
         "--config.sft.metric_tasks=TinyQuiz", "--config.sft.metric_max_problems=8", "--config.eval.max_problems=4",
@@ -60,11 +60,11 @@ def test_mid_starts_from_base_trains_and_evaluates(home, straight):
     out = straight.stdout
     assert "starting from base step 4" in out
     mid = losses(home, "straight", "mid")
-    assert sorted(mid) == list(range(1, 9)) and mid[8] < mid[1]
+    assert sorted(mid) == list(range(1, 17)) and mid[16] < mid[1]
     val = [r["val_bpb"] for r in records(home, "straight", "mid") if "val_bpb" in r]
-    assert len(val) == 3 and val[-1] < val[0]  # steps 0, 4, 8
+    assert len(val) == 3 and val[-1] < val[0]  # steps 0, 8, 16
     evaluation = json.loads((home / "runs" / "straight" / "mid" / "eval.json").read_text())
-    assert evaluation["step"] == 8 and set(evaluation["chat"]["tasks"]) == {"Arithmetic", "TinyQuiz"}
+    assert evaluation["step"] == 16 and set(evaluation["chat"]["tasks"]) == {"Arithmetic", "TinyQuiz"}
     assert evaluation["chat"]["tasks"]["TinyQuiz"]["total"] == 4
     report = json.loads((home / "runs" / "straight" / "mid" / "report.json").read_text())
     assert {"training", "chat_eval"} <= set(report)
@@ -74,12 +74,13 @@ def test_mid_resume_after_sigterm_is_exact(home, straight):
     with_base(home, "sigterm")
     proc = start(home, "sigterm", *CHAT, "--stage=mid")
     metrics = home / "runs" / "sigterm" / "mid" / "metrics.jsonl"
-    wait_for(lambda: metrics.exists() and len(losses(home, "sigterm", "mid")) >= 5, proc)
+    # early enough that the signal lands well before the last of 16 fast steps
+    wait_for(lambda: metrics.exists() and len(losses(home, "sigterm", "mid")) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "received SIGTERM" in out, out
     stopped = max(losses(home, "sigterm", "mid"))
-    assert stopped < 8
+    assert stopped < 16
     resumed = chat_train(home, "sigterm", "--stage=mid")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed mid from step {stopped}" in resumed.stdout
@@ -89,7 +90,7 @@ def test_mid_resume_after_sigterm_is_exact(home, straight):
 def test_sft_from_mid_logs_accuracy_and_does_not_repeat_its_evaluation(home, straight):
     proc = chat_train(home, "straight", "--stage=sft")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "starting from mid step 8" in proc.stdout
+    assert "starting from mid step 16" in proc.stdout
     recs = records(home, "straight", "sft")
     assert [r["step"] for r in recs if "TinyQuiz_acc" in r] == [2, 4]
     assert all(0.0 <= r["TinyQuiz_acc"] <= 1.0 for r in recs if "TinyQuiz_acc" in r)
@@ -97,7 +98,7 @@ def test_sft_from_mid_logs_accuracy_and_does_not_repeat_its_evaluation(home, str
     assert lrm[0] == pytest.approx(0.02) and lrm == sorted(lrm, reverse=True)  # init_lr_frac, then linear decay
     again = train(home, "straight", *CHAT, "--stage=all")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "evaluation of step 8 already in" in again.stdout and "evaluation of step 4 already in" in again.stdout
+    assert "evaluation of step 16 already in" in again.stdout and "evaluation of step 4 already in" in again.stdout
     assert (home / "runs" / "straight" / "report.md").exists()
 
 
@@ -154,7 +155,7 @@ def test_evaluate_cli_runs_chosen_tasks_and_reports_bad_input(home, straight):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "TinyQuiz" in proc.stdout and "CORE skipped" in proc.stdout  # no bundle offline: skipped, not fatal
     evaluation = json.loads((home / "runs" / "straight" / "mid" / "eval.json").read_text())
-    assert "CORE" in evaluation["skipped"] and evaluation["step"] == 8
+    assert "CORE" in evaluation["skipped"] and evaluation["step"] == 16
     assert set(evaluation["chat"]["tasks"]) == {"Arithmetic", "TinyQuiz"}  # merged with the end-of-stage results
     bad = evaluate_cli(home, "straight", "--stage=mid", "--tasks=GSM9K")
     assert bad.returncode == 2 and "unknown task(s) GSM9K" in bad.stderr
