@@ -229,6 +229,27 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# The chat stages' named choices (tasks/mixtures.py, data/chat.py, stages.rl_tasks), checked before any work starts.
+STAGE_CHOICES = {
+    "mid.mixture": ("reference", "tiny"), "sft.mixture": ("reference", "tiny"), "sft.source": ("mid", "base"),
+    "sft.layout": ("packed", "padded"), "mid.supervise": ("assistant", "all"), "sft.supervise": ("assistant", "all"),
+    "rl.task": ("GSM8K", "Arithmetic"),
+}
+
+
+def check_stage_fields(c: ConfigDict) -> None:
+    for key, choices in STAGE_CHOICES.items():
+        group, field = key.split(".")
+        if group in c and field in c[group]:
+            value = c[group][field]
+            _require(value in choices, f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    if "rl" in c:
+        _require(c.rl.examples_per_step >= 1 and c.rl.num_samples >= 1,
+                 "rl.examples_per_step and rl.num_samples must be >= 1")
+        _require(0 < c.rl.max_new_tokens < c.rl.sequence_len,
+                 f"rl.max_new_tokens={c.rl.max_new_tokens} must be in [1, rl.sequence_len={c.rl.sequence_len})")
+
+
 def model_shape(c: ConfigDict) -> tuple[int, int, int, int]:
     """(model_dim, n_head, n_kv_head, head_dim) from the depth dial or explicit overrides."""
     _require(c.depth >= 1, f"depth must be >= 1, got {c.depth}")
@@ -283,6 +304,7 @@ def derive(c: ConfigDict, n_devices: int = 1) -> Derived:
     _require(n_devices >= 1, f"need at least one device, got {n_devices}")
     n_layer = c.depth
     num_params = count_params(c.vocab_size, n_layer, model_dim, n_head, n_kv_head, head_dim)
+    check_stage_fields(c)
     num_embedding_params = c.vocab_size * model_dim
     # PaLM-style: 6 FLOPs per non-embedding parameter (the head counts) plus attention's QK^T and AV at full T.
     flops_per_token = 6 * (num_params - num_embedding_params) + 12 * n_layer * n_head * head_dim * c.sequence_len

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxchat import model
+from jaxchat.config import ConfigError
 
 
 def group_advantages(rewards_N: np.ndarray, num_samples: int) -> np.ndarray:
@@ -61,15 +62,15 @@ class Rollouts:
     def __init__(self, task, tokenizer, gpt_cfg, *, rows: int, slot: int, n_slots: int, examples_per_step: int,
                  num_samples: int, max_new_tokens: int, temperature: float, top_k: int, seq_len: int):
         if examples_per_step % n_slots:
-            raise ValueError(f"rl.examples_per_step={examples_per_step} must be a multiple of the number of data "
+            raise ConfigError(f"rl.examples_per_step={examples_per_step} must be a multiple of the number of data "
                              f"reader slots ({n_slots}: processes x data rows of the mesh)")
         self.per_slot = examples_per_step // n_slots
         if (self.per_slot * num_samples) % rows:
-            raise ValueError(f"each reader slot samples {self.per_slot} questions x {num_samples} = "
+            raise ConfigError(f"each reader slot samples {self.per_slot} questions x {num_samples} = "
                              f"{self.per_slot * num_samples} rows per step, not a multiple of its micro-batch of "
                              f"{rows} rows; change rl.examples_per_step, rl.num_samples or rl.device_batch_size")
         if max_new_tokens >= seq_len:
-            raise ValueError(f"rl.max_new_tokens={max_new_tokens} leaves no room for the prompt in "
+            raise ConfigError(f"rl.max_new_tokens={max_new_tokens} leaves no room for the prompt in "
                              f"rl.sequence_len={seq_len}")
         self.task, self.tokenizer, self.gpt_cfg = task, tokenizer, gpt_cfg
         self.rows, self.slot, self.examples_per_step, self.num_samples = rows, slot, examples_per_step, num_samples

@@ -1,4 +1,6 @@
 """The depth dial: derived numbers equal the reference's (nanochat-reference.md §1.4, §1.5, §3.1)."""
+import re
+
 import pytest
 
 from jaxchat import config as C
@@ -109,3 +111,15 @@ def test_mfu_against_the_h100_peak_and_no_guess_for_unknown_devices():
     # d20 at 1.5M tokens/s on 8 H100s: 3.49e9 * 1.5e6 / (8 * 989e12) = 66.2%
     assert C.mfu(3.491758e9, 1.5e6, "NVIDIA H100 80GB HBM3", 8) == pytest.approx(66.2, abs=0.05)
     assert C.mfu(3.491758e9, 1.5e6, "TFRT_CPU_0", 1) is None
+
+
+@pytest.mark.parametrize("override,message", [
+    ("sft.source=bogus", "sft.source must be one of mid, base, got 'bogus'"),
+    ("mid.mixture=huge", "mid.mixture must be one of reference, tiny"),
+    ("rl.task=MATH", "rl.task must be one of GSM8K, Arithmetic"),
+    ("rl.max_new_tokens=4096", "rl.max_new_tokens=4096 must be in [1, rl.sequence_len=128)"),
+])
+def test_bad_stage_fields_are_config_errors(override, message):
+    config, _ = C.parse_args(["--config=configs/tiny.py", f"--config.{override}"])
+    with pytest.raises(C.ConfigError, match=re.escape(message)):
+        C.derive(config, 1)
