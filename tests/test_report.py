@@ -16,7 +16,7 @@ from jaxchat.evaluate import report
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SFT_CHAT = {"ARC-Easy": 0.3876, "ARC-Challenge": 0.2807, "MMLU": 0.3151, "GSM8K": 0.0455, "HumanEval": 0.0854,
-            "SpellingBee": 0.9812, "ChatCORE": 0.0884, "ChatCORE_cat": 0.1234, "TinyQuiz": 0.5}
+            "SpellingBee": 0.9812, "ChatCORE": 0.0884, "ChatCORE_cat": 0.1234, "TinyQuiz": 0.5, "wall_time_s": 12.5}
 
 
 @pytest.fixture
@@ -93,8 +93,8 @@ def test_summary_table_first_with_exact_values(home):
     assert rows["GSM8K"] == ["—", "0.0250", "0.0455", "—"]
     assert rows["SpellingBee"] == ["—", "—", "0.9812", "—"]
     assert rows["ChatCORE"] == ["—", "—", "0.0884", "—"]
-    # tokenizer 14 s + base (cumulative 3600 s + CORE 60 s) + sft 120 s
-    assert "Total wall clock: 1h03m14s (tokenizer 0m14s, base 1h01m00s, sft 2m00s)" in text
+    # tokenizer 14 s + base (cumulative 3600 s + CORE 60 s) + sft (120 s + its chat eval 12.5 s); a timing is no row
+    assert "Total wall clock: 1h03m26s (tokenizer 0m14s, base 1h01m00s, sft 2m12s)" in text
     # stage sections follow in pipeline order, nested data as their own tables
     order = [text.index(h) for h in ("## Environment", "## Tokenizer", "## Base model", "## Midtraining", "## Chat SFT",
                                      "## Plots")]

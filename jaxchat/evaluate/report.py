@@ -451,7 +451,8 @@ def summary_values(stage_sections: dict[str, dict]) -> dict[str, dict[str, float
     extra = []
     for stage in SUMMARY_STAGES:
         for name, value in stage_sections.get(stage, {}).get("chat_eval", {}).get("data", {}).items():
-            if _norm(name) not in standard and name not in extra and _metric(value) is not None:
+            timing = name in ("wall_time_s", "total_wall_time_s")
+            if not timing and _norm(name) not in standard and name not in extra and _metric(value) is not None:
                 extra.append(name)
     rows = (*SUMMARY_ROWS[:-1], *extra, SUMMARY_ROWS[-1])
     table: dict[str, dict[str, float]] = {row: {} for row in rows}
