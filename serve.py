@@ -13,7 +13,7 @@ import logging
 import sys
 import threading
 
-from jaxchat.config import ConfigError, parse_args
+from jaxchat.config import parse_args
 
 
 def parse_cli(argv: list[str]):
@@ -40,27 +40,21 @@ def parse_cli(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    from jaxchat.chat import load_model
-    from jaxchat.checkpoint import CheckpointError, IncompatibleCheckpointError
+    from jaxchat.chat import load_for_cli
 
-    try:
-        config, args = parse_cli(argv)
-        cfg, params, step, tokenizer = load_model(config, args.stage, args.step)
-    except (ConfigError, ValueError, FileNotFoundError, CheckpointError, IncompatibleCheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    loaded = load_for_cli(parse_cli, sys.argv[1:] if argv is None else argv)
+    if loaded is None:
         return 2
+    config, args, cfg, params, step, tokenizer = loaded
 
     import uvicorn
 
-    from jaxchat import model
     from jaxchat.engine import Engine
     from jaxchat.web.app import GenerationDefaults, create_app
     from jaxchat.web.batcher import Batcher
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model_id = f"jaxchat-{config.run}-{args.stage}-{step}"
-    print(f"loaded {config.run}/{args.stage} step {step} ({model.num_params(params):,} parameters)", file=sys.stderr)
     batcher = Batcher(Engine(cfg, params, tokenizer), max_rows=args.max_batch, queue_size=args.queue_size).start()
     defaults = GenerationDefaults(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
     app = create_app(batcher, model_id=model_id, defaults=defaults)

@@ -130,17 +130,27 @@ def chat_loop(engine: Engine, args, stdin=None, out=None) -> None:
         conversation += reply(engine, conversation, args, out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def load_for_cli(parse, argv: list[str]):
+    """The start the chat CLI and the server share: parse the command line with `parse` (-> config, args with
+    .stage and .step), load that checkpoint, say what was loaded. Returns (config, args, cfg, params, step, tokenizer),
+    or None after printing the error."""
     from jaxchat.checkpoint import CheckpointError, IncompatibleCheckpointError
 
     try:
-        config, args = parse_cli(argv)
+        config, args = parse(argv)
         cfg, params, step, tokenizer = load_model(config, args.stage, args.step)
     except (ConfigError, ValueError, FileNotFoundError, CheckpointError, IncompatibleCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return None
     print(f"loaded {config.run}/{args.stage} step {step} ({model.num_params(params):,} parameters)", file=sys.stderr)
+    return config, args, cfg, params, step, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    loaded = load_for_cli(parse_cli, sys.argv[1:] if argv is None else argv)
+    if loaded is None:
+        return 2
+    _, args, cfg, params, _, tokenizer = loaded
     engine = Engine(cfg, params, tokenizer)
     try:
         chat_loop(engine, args)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from jaxchat.tasks.base import Task, extract_answer, last_text
-from jaxchat.tasks.hub_rows import HubRows
+from jaxchat.tasks.hub_rows import HubTask
 
 _CALC = re.compile(r"(<<[^<>]*>>)")
 
@@ -48,18 +48,13 @@ class AnswerTask(Task):
         return extract_answer(completion) == reference
 
 
-class GSM8K(AnswerTask):
+class GSM8K(HubTask, AnswerTask):
     def __init__(self, subset: str = "main", split: str = "test", **slice_kw):
         if subset not in ("main", "socratic"):
             raise ValueError(f"GSM8K subset must be main or socratic, got {subset!r}")
         if split not in ("train", "test"):
             raise ValueError(f"GSM8K split must be train or test, got {split!r}")
-        super().__init__(**slice_kw)
-        self.subset, self.split = subset, split
-        self.rows = HubRows("openai/gsm8k", subset, split)
-
-    def num_examples(self) -> int:
-        return len(self.rows)
+        super().__init__("openai/gsm8k", subset, split, **slice_kw)
 
     def example(self, index: int) -> dict:
         row = self.rows[index]

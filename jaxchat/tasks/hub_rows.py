@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxchat.data.hub import load_hub_dataset, shuffled_indices
+from jaxchat.tasks.base import Task
 
 
 class HubRows:
@@ -26,3 +27,15 @@ class HubRows:
         table = self._load()
         # take() of one row keeps memory flat: SmolTalk's 460K conversations never become Python objects at once.
         return table.take([int(self._order[index])]).to_pylist()[0]
+
+
+class HubTask(Task):
+    """A task whose examples are the rows of one hub split (`self.rows`), converted by `example`."""
+
+    def __init__(self, repo_id: str, subset: str, split: str, **slice_kw):
+        super().__init__(**slice_kw)
+        self.subset, self.split = subset, split
+        self.rows = HubRows(repo_id, subset, split)
+
+    def num_examples(self) -> int:
+        return len(self.rows)

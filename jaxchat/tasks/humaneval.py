@@ -4,8 +4,7 @@ from __future__ import annotations
 import re
 
 from jaxchat.sandbox import execute_code
-from jaxchat.tasks.base import Task
-from jaxchat.tasks.hub_rows import HubRows
+from jaxchat.tasks.hub_rows import HubTask
 
 _FENCED = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -27,14 +26,10 @@ def program(conversation: dict, completion: str) -> str:
             f"check({conversation['entry_point']})\n")
 
 
-class HumanEval(Task):
+class HumanEval(HubTask):
     def __init__(self, timeout: float = 5.0, **slice_kw):
-        super().__init__(**slice_kw)
+        super().__init__("openai/openai_humaneval", "openai_humaneval", "test", **slice_kw)
         self.timeout = timeout
-        self.rows = HubRows("openai/openai_humaneval", "openai_humaneval", "test")
-
-    def num_examples(self) -> int:
-        return len(self.rows)
 
     def example(self, index: int) -> dict:
         row = self.rows[index]

@@ -7,7 +7,7 @@ Evaluation is categorical: one forward pass, logits restricted to `letters`, arg
 from __future__ import annotations
 
 from jaxchat.tasks.base import Task
-from jaxchat.tasks.hub_rows import HubRows
+from jaxchat.tasks.hub_rows import HubTask
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -35,7 +35,7 @@ class MultipleChoice(Task):
         return completion.strip() == conversation["messages"][-1]["content"]
 
 
-class ARC(MultipleChoice):
+class ARC(HubTask, MultipleChoice):
     SUBSETS = ("ARC-Easy", "ARC-Challenge")
 
     def __init__(self, subset: str, split: str = "test", **slice_kw):
@@ -43,36 +43,26 @@ class ARC(MultipleChoice):
             raise ValueError(f"ARC subset must be one of {self.SUBSETS}, got {subset!r}")
         if split not in ("train", "validation", "test"):
             raise ValueError(f"ARC split must be train, validation or test, got {split!r}")
-        super().__init__(**slice_kw)
-        self.subset, self.split = subset, split
-        self.rows = HubRows("allenai/ai2_arc", subset, split)
+        super().__init__("allenai/ai2_arc", subset, split, **slice_kw)
 
     @property
     def name(self) -> str:
         return self.subset
-
-    def num_examples(self) -> int:
-        return len(self.rows)
 
     def example(self, index: int) -> dict:
         row = self.rows[index]
         return mc_conversation(row["question"], row["choices"]["label"], row["choices"]["text"], row["answerKey"])
 
 
-class MMLU(MultipleChoice):
+class MMLU(HubTask, MultipleChoice):
     def __init__(self, subset: str = "all", split: str = "test", **slice_kw):
         if split not in ("auxiliary_train", "validation", "dev", "test"):
             raise ValueError(f"MMLU split must be auxiliary_train, validation, dev or test, got {split!r}")
-        super().__init__(**slice_kw)
-        self.subset, self.split = subset, split
-        self.rows = HubRows("cais/mmlu", subset, split)
+        super().__init__("cais/mmlu", subset, split, **slice_kw)
 
     @property
     def name(self) -> str:
         return "MMLU"
-
-    def num_examples(self) -> int:
-        return len(self.rows)
 
     def example(self, index: int) -> dict:
         row = self.rows[index]

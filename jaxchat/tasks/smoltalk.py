@@ -1,8 +1,7 @@
 """SmolTalk (HuggingFaceTB/smol-smoltalk): general conversations, an optional system message first."""
 from __future__ import annotations
 
-from jaxchat.tasks.base import Task
-from jaxchat.tasks.hub_rows import HubRows
+from jaxchat.tasks.hub_rows import HubTask
 
 
 def check_messages(messages: list[dict], where: str) -> list[dict]:
@@ -17,16 +16,11 @@ def check_messages(messages: list[dict], where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-class SmolTalk(Task):
+class SmolTalk(HubTask):
     def __init__(self, split: str = "train", **slice_kw):
         if split not in ("train", "test"):
             raise ValueError(f"SmolTalk split must be train or test, got {split!r}")
-        super().__init__(**slice_kw)
-        self.split = split
-        self.rows = HubRows("HuggingFaceTB/smol-smoltalk", "default", split)
-
-    def num_examples(self) -> int:
-        return len(self.rows)
+        super().__init__("HuggingFaceTB/smol-smoltalk", "default", split, **slice_kw)
 
     def example(self, index: int) -> dict:
         return {"messages": check_messages(self.rows[index]["messages"], f"SmolTalk {self.split}[{index}]")}
