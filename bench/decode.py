@@ -1,7 +1,7 @@
 """Decode throughput of the engine for any config with random weights: TTFT, per-token latency, tokens/s, roofline.
 
-    python bench/decode.py --config=configs/d20.py [--batch-sizes=1,8,32,128] [--prompt-tokens=2048]
-                           [--decode-tokens=256] [--temperature=0.0]
+    python bench/decode.py --config=configs/d20.py [--batch-sizes=1,8,32,128] [--prompt-tokens=N]
+                           [--decode-tokens=N] [--temperature=0.0] [--bandwidth=BYTES_PER_S]
 
 For each batch size B: one prompt is prefilled once and shared by B sample rows (the engine's path), then
 `--decode-tokens` decode steps run, each synced to the host as the engine's tool loop needs. TTFT is the (compiled)
@@ -10,8 +10,12 @@ prefill time including the first sampled token; TPOT is the median step time; to
 Roofline: a decode step must read every weight once (bf16 when the config computes in bf16; the embedding is a
 gather and is left out) plus each row's KV cache. The engine attends over its whole cache bucket S, so the KV bytes read
 per row are S · kv_bytes_per_token. Ceiling tokens/s = B · peak_bw / (weight_bytes + B · kv_read); MBU = achieved
-bytes/s over peak_bw. Peak bandwidth by device name: H100 SXM 3.35e12 B/s, H200 4.8e12, A100 2.0e12; unknown device
-(CPU included) → no roofline. The prompt length is clamped to sequence_len − decode_tokens. Last line: one JSON object.
+bytes/s over peak_bw. peak_bw is `--bandwidth` (e.g. the copy bandwidth bench/gpu_check.py measured) or the device's
+nominal figure (jaxchat.config.PEAK_BANDWIDTH); unknown device (CPU included) → no roofline.
+
+Defaults fit the config: nanochat's own benchmark grid is a 1,792-token prompt and 256 new tokens in a 2,048 context,
+so decode defaults to min(256, sequence_len / 8) tokens and the prompt to the rest of the context. Last line: one JSON
+object.
 """
 import json
 import statistics
@@ -27,15 +31,6 @@ import numpy as np  # noqa: E402
 
 from jaxchat import config as C  # noqa: E402
 from jaxchat import engine, model  # noqa: E402
-
-# Peak HBM bandwidth (B/s) by substring of device_kind; the longest match wins.
-PEAK_BANDWIDTH = {"H100": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "A100": 2.0e12}
-
-
-def peak_bandwidth(device_kind: str) -> float | None:
-    matches = [k for k in PEAK_BANDWIDTH if k.lower() in device_kind.lower()]
-    return PEAK_BANDWIDTH[max(matches, key=len)] if matches else None
-
 
 def weight_bytes(params) -> int:
     """Bytes a decode step reads from weights: everything but the embedding table (a B-row gather)."""
@@ -79,16 +74,13 @@ def bench_batch(cfg, params, prompt, B, decode_tokens, temperature, max_top_k):
             "compile_prefill_s": compile_prefill, "compile_decode_s": compile_decode}
 
 
-def main(argv):
-    config, rest = C.parse_args(argv)
-    opts = dict(a.lstrip("-").split("=", 1) for a in rest)
-    batch_sizes = [int(b) for b in opts.get("batch-sizes", "1,8,32,128").split(",")]
-    decode_tokens = int(opts.get("decode-tokens", 256))
-    prompt_tokens = min(int(opts.get("prompt-tokens", 2048)), config.sequence_len - decode_tokens)
-    if prompt_tokens < 1:
-        raise SystemExit(f"--decode-tokens={decode_tokens} leaves no room for a prompt in sequence_len "
-                         f"{config.sequence_len}; lower it")
-    temperature = float(opts.get("temperature", 0.0))
+def measure(config, batch_sizes=(1, 8, 32, 128), prompt_tokens: int | None = None, decode_tokens: int | None = None,
+            temperature: float = 0.0, bandwidth: float | None = None) -> dict:
+    decode_tokens = decode_tokens or min(256, config.sequence_len // 8)
+    prompt_tokens = prompt_tokens or config.sequence_len - decode_tokens
+    if prompt_tokens < 1 or prompt_tokens + decode_tokens > config.sequence_len:
+        raise SystemExit(f"--prompt-tokens={prompt_tokens} + --decode-tokens={decode_tokens} must fit the context "
+                         f"(sequence_len {config.sequence_len}) with a prompt of at least one token")
     device = jax.devices()[0]
     cfg = model.GPTConfig.from_config(config)
     dtype = jnp.dtype(cfg.compute_dtype)
@@ -97,13 +89,14 @@ def main(argv):
     max_top_k = min(engine.DEFAULT_MAX_TOP_K, cfg.vocab_size)
 
     w_bytes, kv_tok = weight_bytes(params), kv_bytes_per_token(cfg)
-    bw = peak_bandwidth(device.device_kind)
+    bw = bandwidth or C.peak_bandwidth(device.device_kind)
     card = {"device": device.device_kind, "platform": device.platform, "config": config.run,
             "params": model.num_params(params), "compute_dtype": cfg.compute_dtype, "weight_bytes": w_bytes,
             "kv_bytes_per_token": kv_tok, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
-            "peak_bandwidth": bw}
-    print(json.dumps(card))
+            "bandwidth": bw, "bandwidth_source": "given" if bandwidth else ("nominal" if bw else None)}
+    print(json.dumps(card), file=sys.stderr)
     rows = []
+    flops_per_token = C.derive(config).flops_per_token / 3  # forward only
     for B in batch_sizes:
         r = bench_batch(cfg, params, prompt, B, decode_tokens, temperature, max_top_k)
         kv_read = r["cache_len"] * kv_tok
@@ -111,7 +104,6 @@ def main(argv):
         r["bytes_per_step"] = step_bytes
         r["roofline_tokens_per_s"] = B * bw / step_bytes if bw else None
         r["mbu"] = step_bytes / r["tpot_s"] / bw if bw else None
-        flops_per_token = C.derive(config).flops_per_token / 3  # forward only
         r["prefill_tokens_per_s"] = prompt_tokens / r["ttft_s"]
         r["prefill_mfu"] = C.mfu(flops_per_token, r["prefill_tokens_per_s"], device.device_kind, 1)
         rows.append(r)
@@ -119,7 +111,18 @@ def main(argv):
         mbu = f"{100 * r['mbu']:.1f}%" if bw else "n/a"
         print(f"B={B:4d} S={r['cache_len']:5d}  TTFT {1e3 * r['ttft_s']:8.1f} ms  TPOT {1e3 * r['tpot_s']:7.2f} ms  "
               f"{r['tokens_per_s']:10,.0f} tok/s  roofline {roof} tok/s  MBU {mbu}", file=sys.stderr)
-    print(json.dumps({**card, "results": rows}))
+    return {**card, "results": rows}
+
+
+def main(argv):
+    config, rest = C.parse_args(argv)
+    opts = dict(a.lstrip("-").split("=", 1) for a in rest)
+    out = measure(config, [int(b) for b in opts.get("batch-sizes", "1,8,32,128").split(",")],
+                  int(opts["prompt-tokens"]) if "prompt-tokens" in opts else None,
+                  int(opts["decode-tokens"]) if "decode-tokens" in opts else None,
+                  float(opts.get("temperature", 0.0)),
+                  float(opts["bandwidth"]) if "bandwidth" in opts else None)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from jaxchat.tokenizer import Tokenizer  # noqa: E402
 from jaxchat.web.app import ServerThread, create_app  # noqa: E402
 from jaxchat.web.batcher import Batcher  # noqa: E402
 
+from random_model import corpus_tokenizer, printable_params  # noqa: E402
+
 WORDS = ("cat dog river mountain apple seven blue quickly under planet music window garden yellow bread teacher "
          "ocean winter number letter").split()
 
@@ -53,18 +55,8 @@ def load_or_build(config, stage: str | None):
     try:
         tok = Tokenizer.load(paths.tokenizer_dir(config.tokenizer or config.run))
     except FileNotFoundError:
-        from jaxchat.data.tiny_corpus import shard_documents
-
-        tok = Tokenizer.train(shard_documents(0, 0, 3_000_000), cfg.vocab_size)
-    if tok.vocab_size != cfg.vocab_size:
-        raise SystemExit(f"tokenizer has {tok.vocab_size} tokens, the config {cfg.vocab_size}")
-    printable = np.array([i < cfg.vocab_size - 9 and all(32 <= c < 127 for c in tok.token_to_bytes(i))
-                          for i in range(cfg.vocab_size)])
-    _, params = model.init(cfg, config.seed)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(config.seed), len(leaves))
-    params = treedef.unflatten([0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-    params["lm_head"]["kernel"] = jnp.where(jnp.asarray(printable), params["lm_head"]["kernel"], 0.0)
+        tok = corpus_tokenizer(cfg.vocab_size)
+    params = printable_params(cfg, tok, seed=config.seed)
     return cfg, params, tok, "random weights (printable tokens only)"
 
 

@@ -37,6 +37,8 @@ PEAK_FLOPS = {
     "TPU v5p": 459e12,
     "TPU v6 lite": 918e12,
 }
+# Nominal HBM bandwidth (bytes/s) by the same names, for decode's memory-bandwidth utilisation.
+PEAK_BANDWIDTH = {"H100": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "GH200": 4.0e12, "A100": 2.0e12}
 
 
 def default_config() -> ConfigDict:
@@ -282,10 +284,19 @@ def count_params(vocab: int, n_layer: int, d: int, n_head: int, n_kv_head: int, 
     return 2 * vocab * d + n_layer * (attn + mlp)
 
 
+def _by_name(table: dict, device_kind: str) -> float | None:
+    matches = [k for k in table if k.lower() in device_kind.lower()]
+    return table[max(matches, key=len)] if matches else None
+
+
 def peak_flops(device_kind: str) -> float | None:
     """bf16 peak of a device by name, or None when unknown (then MFU is not reported)."""
-    matches = [k for k in PEAK_FLOPS if k.lower() in device_kind.lower()]
-    return PEAK_FLOPS[max(matches, key=len)] if matches else None
+    return _by_name(PEAK_FLOPS, device_kind)
+
+
+def peak_bandwidth(device_kind: str) -> float | None:
+    """Nominal HBM bytes/s of a device by name, or None when unknown."""
+    return _by_name(PEAK_BANDWIDTH, device_kind)
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, device_kind: str, n_devices: int, peak: float = 0.0) -> float | None:

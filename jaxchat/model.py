@@ -166,6 +166,59 @@ def _impl(cfg: GPTConfig, dtype) -> str | None:
     return "cudnn" if cfg.attention == "cudnn" and dtype in (jnp.bfloat16, jnp.float16) else "xla"
 
 
+def attention_errors(impl: str, B: int, T: int, H: int, H_kv: int, D: int, window: int = 0, seed: int = 0) -> dict:
+    """Max error of `impl`'s causal attention in bf16 (the output and the q/k/v gradients, each relative to the
+    reference's largest magnitude) against an fp32 XLA reference with an explicit causal (and sliding-window) mask. The reference never uses `local_window_size`, so a
+    kernel that lets future tokens through (the open JAX report on cuDNN with `is_causal=False` plus a window) shows
+    up as a large error. Raises whatever the implementation raises (cuDNN missing, unsupported shape, ...)."""
+    kq, kk, kv, kc = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(kq, (B, T, H, D), jnp.float32)
+    k = jax.random.normal(kk, (B, T, H_kv, D), jnp.float32)
+    v = jax.random.normal(kv, (B, T, H_kv, D), jnp.float32)
+    cot = jax.random.normal(kc, (B, T, H, D), jnp.float32)
+    i, j = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+    mask = (j <= i) & ((i - j <= window) if window else True)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cot)
+
+    def kernel(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl,
+                                            local_window_size=(window, 0) if window else None)
+
+    def reference(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation="xla")
+
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    out, ref = jax.jit(kernel)(*bf16), jax.jit(reference)(q, k, v)
+    grads = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(*bf16)
+    ref_grads = jax.jit(jax.grad(loss(reference), argnums=(0, 1, 2)))(q, k, v)
+    err = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))  # noqa: E731
+    return {"out": err(out, ref), **{f"d{n}": err(g, r) for n, g, r in zip("qkv", grads, ref_grads)}}
+
+
+# bf16 rounding of inputs and outputs alone gives relative errors of ~1e-2 (XLA's own bf16 path included); a masking
+# bug (a leaked future token) gives errors of order 1.
+ATTENTION_TOLERANCE = 0.05
+
+
+def resolve_attention(requested: str, platform: str) -> tuple[str, str]:
+    """(implementation, why) for a config's `attention` field. "auto" picks cuDNN on GPUs only after a small causal
+    forward and backward through it matches XLA (cuDNN attention has known failures under CUDA 13), else XLA."""
+    if requested != "auto":
+        return requested, f"attention={requested} from the config"
+    if platform != "gpu":
+        return "xla", f"no cuDNN on {platform}"
+    try:
+        errors = attention_errors("cudnn", B=1, T=256, H=4, H_kv=2, D=128)
+    except Exception as e:  # noqa: BLE001 -- any failure of the kernel means: do not use it
+        return "xla", f"cuDNN attention failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); using XLA"
+    worst = max(errors.values())
+    if worst > ATTENTION_TOLERANCE:
+        return "xla", f"cuDNN attention disagrees with XLA (max error {worst:.3g}); using XLA"
+    return "cudnn", f"cuDNN attention checked against XLA (max error {worst:.3g})"
+
+
 class MLP(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, rngs=rngs)

@@ -78,9 +78,10 @@ class Result:
 
 
 def resolve_attention(config) -> str:
-    if config.attention != "auto":
-        return config.attention
-    return "cudnn" if jax.devices()[0].platform == "gpu" else "xla"
+    impl, why = model.resolve_attention(config.attention, jax.devices()[0].platform)
+    if impl != config.attention:
+        print(f"attention: {impl} ({why})", flush=True)
+    return impl
 
 
 class _StopFlag:
