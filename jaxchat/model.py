@@ -19,6 +19,7 @@ The training path is functional: `nnx.split` once, then `forward(graphdef, param
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -49,7 +50,7 @@ class GPTConfig:
     rope_base: float = 10000.0
     softcap: float = 15.0
     compute_dtype: str = "bfloat16"
-    attention: str = "xla"  # "xla" | "cudnn" (jax.nn.dot_product_attention implementation)
+    attention: str = "xla"  # one of ATTENTION_IMPLS
 
     @property
     def head_dim(self) -> int:
@@ -153,17 +154,118 @@ class Attention(nnx.Module):
         cfg = self.cfg
         B, T, _ = x_BxTxD.shape
         q, k, v = project_qkv(cfg, x_BxTxD, self.c_q, self.c_k, self.c_v, cos, sin)
-        # GQA: K/V keep n_kv_head heads; dot_product_attention groups the queries over them without a copy.
+        # GQA: K/V keep n_kv_head heads; the kernels group the queries over them without a copy.
         if mask is None:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=_impl(cfg, q.dtype))
+            y = causal_attention(q, k, v, _impl(cfg, q.dtype))
         else:  # explicit masks (packed documents, cached decoding) go through XLA
             y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
         return self.c_proj_attn(y.reshape(B, T, cfg.n_head * cfg.head_dim))
 
 
-def _impl(cfg: GPTConfig, dtype) -> str | None:
-    # cuDNN's fused kernel only takes half precision; fp32 runs (CPU tests) always use XLA.
-    return "cudnn" if cfg.attention == "cudnn" and dtype in (jnp.bfloat16, jnp.float16) else "xla"
+def _impl(cfg: GPTConfig, dtype) -> str:
+    # cuDNN's fused kernel only takes half precision; fp32 runs (CPU tests) use XLA.
+    if cfg.attention == "cudnn" and dtype not in (jnp.bfloat16, jnp.float16):
+        return "xla"
+    return cfg.attention
+
+
+ATTENTION_IMPLS = ("cudnn", "xla", "chunked")
+
+
+def causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, impl: str, window: int = 0):
+    """Causal self-attention (a token sees itself and the `window` before it when window > 0) by one of
+    ATTENTION_IMPLS. `is_causal=True` always accompanies a window: an open JAX report shows cuDNN leaking future tokens
+    with `is_causal=False` plus `local_window_size`."""
+    if impl == "chunked":
+        return chunked_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, window)
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+    return jax.nn.dot_product_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, is_causal=True, implementation=impl,
+                                        local_window_size=(window, 0) if window else None)
+
+
+# XLA's plain attention keeps the (B, H, T, T) probabilities of every layer for the backward: 2.7 GB per d20 layer at
+# 32 rows of 2,048. Flash-style kernels (cuDNN) keep only q, k, v, the output and the row logsumexp, and recompute the
+# rest. `chunked_attention` does the same in plain JAX, one block of queries at a time: the fallback where cuDNN fails,
+# and the dry run's stand-in for cuDNN on CPU (it has cuDNN's memory behaviour, not its speed).
+CHUNK = 512
+
+
+def _scores_block(q_BxQxKxGxD, k_BxTxKxD, q_start, window: int):
+    """Scaled fp32 scores (B, K, G, Q, T) of one query block, masked causally (and to the window)."""
+    D = q_BxQxKxGxD.shape[-1]
+    s = jnp.einsum("bqkgd,btkd->bkgqt", q_BxQxKxGxD, k_BxTxKxD, preferred_element_type=jnp.float32) / math.sqrt(D)
+    qpos = q_start + jnp.arange(q_BxQxKxGxD.shape[1])[:, None]
+    kpos = jnp.arange(k_BxTxKxD.shape[1])[None, :]
+    visible = (kpos <= qpos) & ((qpos - kpos <= window) if window else True)
+    return jnp.where(visible, s, -jnp.inf)
+
+
+def _blocked(x_BxTxKxGxD, chunk):
+    B, T = x_BxTxKxGxD.shape[:2]
+    return jnp.moveaxis(x_BxTxKxGxD.reshape(B, T // chunk, chunk, *x_BxTxKxGxD.shape[2:]), 1, 0)
+
+
+def _unblocked(x_NxBxQx___):
+    x = jnp.moveaxis(x_NxBxQx___, 0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _chunked_forward(q, k, v, window):
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    chunk = math.gcd(T, CHUNK)
+    qb = _blocked(q.reshape(B, T, K, H // K, D), chunk)
+
+    def block(args):
+        i, q_blk = args
+        s = _scores_block(q_blk, k, i * chunk, window)
+        lse = jax.nn.logsumexp(s, axis=-1)  # (B, K, G, Q)
+        p = jnp.exp(s - lse[..., None])
+        out = jnp.einsum("bkgqt,btkd->bqkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return out.astype(q.dtype), lse
+
+    out, lse = jax.lax.map(block, (jnp.arange(T // chunk), qb))
+    return _unblocked(out).reshape(B, T, H, D), lse  # lse stays blocked: (N, B, K, G, Q)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def chunked_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, window: int = 0):
+    return _chunked_forward(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, window)[0]
+
+
+def _chunked_fwd(q, k, v, window):
+    out, lse = _chunked_forward(q, k, v, window)
+    return out, (q, k, v, out, lse)
+
+
+def _chunked_bwd(window, residuals, dout_BxTxHxD):
+    q, k, v, out, lse = residuals
+    B, T, H, D = q.shape
+    K = k.shape[2]
+    chunk = math.gcd(T, CHUNK)
+    split = lambda x: _blocked(x.reshape(B, T, K, H // K, D), chunk)  # noqa: E731
+    qb, dob, ob = split(q), split(dout_BxTxHxD), split(out)
+    def block(carry, args):
+        dk, dv = carry
+        i, q_blk, do_blk, o_blk, lse_blk = args
+        p = jnp.exp(_scores_block(q_blk, k, i * chunk, window) - lse_blk[..., None])  # (B, K, G, Q, T)
+        # Matmul inputs in the compute dtype with fp32 accumulation, as flash kernels do; fp32 runs stay fp32.
+        f32 = dict(preferred_element_type=jnp.float32)
+        dv = dv + jnp.einsum("bkgqt,bqkgd->btkd", p.astype(v.dtype), do_blk, **f32)
+        dp = jnp.einsum("bqkgd,btkd->bkgqt", do_blk, v, **f32)
+        delta = jnp.einsum("bqkgd,bqkgd->bkgq", do_blk.astype(jnp.float32), o_blk.astype(jnp.float32))
+        ds = p * (dp - delta[..., None]) / math.sqrt(D)
+        dq_blk = jnp.einsum("bkgqt,btkd->bqkgd", ds.astype(k.dtype), k, **f32)
+        dk = dk + jnp.einsum("bkgqt,bqkgd->btkd", ds.astype(q.dtype), q_blk, **f32)
+        return (dk, dv), dq_blk.astype(q.dtype)
+
+    zeros = jnp.zeros((B, T, K, D), jnp.float32)
+    (dk, dv), dq = jax.lax.scan(block, (zeros, zeros), (jnp.arange(T // chunk), qb, dob, ob, lse))
+    return _unblocked(dq).reshape(B, T, H, D), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+chunked_attention.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def attention_errors(impl: str, B: int, T: int, H: int, H_kv: int, D: int, window: int = 0, seed: int = 0) -> dict:
@@ -183,8 +285,7 @@ def attention_errors(impl: str, B: int, T: int, H: int, H_kv: int, D: int, windo
         return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cot)
 
     def kernel(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl,
-                                            local_window_size=(window, 0) if window else None)
+        return causal_attention(q, k, v, impl, window)
 
     def reference(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation="xla")
@@ -204,7 +305,8 @@ ATTENTION_TOLERANCE = 0.05
 
 def resolve_attention(requested: str, platform: str) -> tuple[str, str]:
     """(implementation, why) for a config's `attention` field. "auto" picks cuDNN on GPUs only after a small causal
-    forward and backward through it matches XLA (cuDNN attention has known failures under CUDA 13), else XLA."""
+    forward and backward through it matches XLA (cuDNN attention has known failures under CUDA 13), else the chunked
+    XLA attention (plain XLA attention would keep every layer's T×T probabilities: d20 would not fit)."""
     if requested != "auto":
         return requested, f"attention={requested} from the config"
     if platform != "gpu":
@@ -212,10 +314,10 @@ def resolve_attention(requested: str, platform: str) -> tuple[str, str]:
     try:
         errors = attention_errors("cudnn", B=1, T=256, H=4, H_kv=2, D=128)
     except Exception as e:  # noqa: BLE001 -- any failure of the kernel means: do not use it
-        return "xla", f"cuDNN attention failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); using XLA"
+        return "chunked", f"cuDNN attention failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); using chunked"
     worst = max(errors.values())
     if worst > ATTENTION_TOLERANCE:
-        return "xla", f"cuDNN attention disagrees with XLA (max error {worst:.3g}); using XLA"
+        return "chunked", f"cuDNN attention disagrees with XLA (max error {worst:.3g}); using chunked"
     return "cudnn", f"cuDNN attention checked against XLA (max error {worst:.3g})"
 
 

@@ -77,8 +77,8 @@ def test_dry_run_runs_every_stage_on_the_gpu_image_and_prints_the_summary(tmp_pa
     # No cuDNN on a CPU: every variant records the failure and the run falls back to XLA, saying why.
     variants = [x for x in rs if x["kind"] == "variant"]
     assert {v["variant"] for v in variants} == {"mha", "gqa", "window"}
-    assert all("cudnn_error" in v and v["xla_max_error"] < 0.05 for v in variants)
-    assert gpu_check.find(rs, "attention", "choice")["attention"] == "xla"
+    assert all("cudnn_error" in v and v["xla_max_error"] < 0.05 and v["chunked_max_error"] < 0.05 for v in variants)
+    assert gpu_check.find(rs, "attention", "choice")["attention"] == "chunked"
     # The fit search compiles the largest batch first and rejects it on XLA's memory estimate.
     compiled = [x for x in rs if x["stage"] == "train" and x["kind"] == "compiled"]
     assert [(c["device_batch_size"], c["fits"]) for c in compiled] == [(256, False), (8, True)]
@@ -95,7 +95,7 @@ def test_a_hung_stage_is_killed_and_stages_the_budget_cannot_hold_are_skipped(tm
     assert r.returncode == 1  # a stage that timed out is a failure of the check
     log = (tmp_path / "out" / "log.txt").read_text()
     assert "stage attention: timed out after" in log
-    assert "attention for the rest of the run: xla (the attention stage gave no verdict)" in log
+    assert "attention for the rest of the run: chunked (the attention stage gave no verdict)" in log
     assert "stage train: skipped" in log and "stage extra: skipped" in log
     assert "| attention | timed out" in r.stdout and "| train | skipped |" in r.stdout
     assert gpu_check.find(records(tmp_path), "env", "ceilings")  # what finished before the hang is kept
@@ -157,28 +157,3 @@ def test_benches_pick_defaults_that_fit_the_config():
     r = eval_bench.measure(big_vocab, problems=2, max_tokens=4, batch=2, single=1)
     assert r["batched_problems_per_s"] > 0 and r["prompt_tokens_mean"] > 100
 
-
-def test_auto_attention_falls_back_to_xla_when_cudnn_fails_and_says_why():
-    from jaxchat import model
-
-    assert model.resolve_attention("xla", "gpu") == ("xla", "attention=xla from the config")
-    assert model.resolve_attention("auto", "cpu")[0] == "xla"
-    impl, why = model.resolve_attention("auto", "gpu")  # on this CPU cuDNN raises, as a broken install would
-    assert impl == "xla" and why.startswith("cuDNN attention failed")
-
-
-def test_the_attention_check_catches_a_kernel_that_leaks_future_tokens(monkeypatch):
-    import jax
-
-    from jaxchat import model
-
-    real = jax.nn.dot_product_attention
-
-    def leaky(q, k, v, *, is_causal=False, local_window_size=None, implementation=None, mask=None):
-        if mask is not None:  # the fp32 reference
-            return real(q, k, v, mask=mask, implementation="xla")
-        return real(q, k, v, is_causal=False, implementation="xla")  # the window and causality ignored
-
-    monkeypatch.setattr(jax.nn, "dot_product_attention", leaky)
-    errors = model.attention_errors("xla", B=1, T=64, H=2, H_kv=2, D=16, window=16)
-    assert max(errors.values()) > model.ATTENTION_TOLERANCE
