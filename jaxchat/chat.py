@@ -1,7 +1,8 @@
 """Chat with a trained model in the terminal: `python -m jaxchat.chat --config=configs/X.py [--stage=sft] [-p PROMPT]`.
 
 - Loads any stage's parameters (no optimizer state) from `run_dir(config.run, stage)/checkpoints`, newest step or `--step`,
-  and the tokenizer from `tokenizer_dir(config.tokenizer or config.run)`; a missing one names the command that makes it.
+  and the tokenizer from `tokenizer_dir(config.tokenizer)` (default: the config file's name); a missing one names the
+  command that makes it.
 - Multi-turn: the conversation is one running token list starting with `<|bos|>`; each turn appends
   `<|user_start|> text <|user_end|> <|assistant_start|>` and streams the reply token by token (StreamDecoder never prints
   half a character), ending it with `<|assistant_end|>` even when generation stopped on the token limit.
@@ -16,9 +17,9 @@ import sys
 import jax
 
 from jaxchat import model, paths
-from jaxchat.config import ConfigError, parse_args
+from jaxchat.config import ConfigError, command, parse_args
 from jaxchat.engine import Engine
-from jaxchat.tokenizer import StreamDecoder, Tokenizer
+from jaxchat.tokenizer import StreamDecoder, Tokenizer, load_for_config
 
 MAX_REPLY_TOKENS = 256  # nanochat's CLI limit per reply
 
@@ -36,16 +37,12 @@ def parse_cli(argv: list[str]):
     return config, ap.parse_args(rest)
 
 
-def _config_arg(config) -> str:
-    return f"configs/{config.run}.py" if config.run else "configs/<name>.py"
-
-
 def load_params(config, stage: str, step: int | None):
     """The stage's parameters on the default device; FileNotFoundError naming the training command when absent."""
     from jaxchat.checkpoint import Checkpointer  # orbax is slow to import; only the CLI path needs it
 
     directory = paths.run_dir(config.run, stage) / "checkpoints"
-    train = f"python train.py --config={_config_arg(config)} --stage={stage}"
+    train = command(config, "train.py", f"--stage={stage}")
     if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
         raise FileNotFoundError(f"no {stage} checkpoint in {directory} — train one with `{train}` "
                                 f"(or pick another stage with --stage=base|mid|sft|rl)")
@@ -59,7 +56,7 @@ def load_params(config, stage: str, step: int | None):
 
 
 def load_tokenizer(config) -> Tokenizer:
-    return Tokenizer.load(paths.tokenizer_dir(config.tokenizer or config.run))
+    return load_for_config(config)
 
 
 def load_model(config, stage: str, step: int | None = None):

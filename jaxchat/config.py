@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 import sys
 
 from ml_collections import ConfigDict
@@ -45,6 +46,7 @@ def default_config() -> ConfigDict:
     """Every field a run reads, with the reference d20 values. Configs override what they choose."""
     c = ConfigDict()
     c.run = ""  # defaults to the config file's name (d20, tiny, ...)
+    c.config_args = ""  # set by parse_args: the --config arguments that built this config (for commands in messages)
     c.seed = 0
     # model
     c.depth = 20
@@ -72,6 +74,7 @@ def default_config() -> ConfigDict:
     c.adam_beta1 = 0.8
     c.adam_beta2 = 0.95
     c.adam_eps = 1e-10
+    c.grad_clip = 1.0  # clip the global gradient norm to this before the optimizer (0: off); base_train's 1.0
     c.muon_ns_steps = 5
     c.muon_coefficients = "ns5"  # or "polar_express"
     c.muon_ns_dtype = "bfloat16"  # Newton-Schulz precision (float32 for exactness tests)
@@ -92,11 +95,16 @@ def default_config() -> ConfigDict:
     c.save_every = -1
     c.log_every = 1
     c.keep_checkpoints = 3
+    c.prefetch = 2  # steps' batches built and placed on a background thread while the device runs (0: on the loop's)
     c.peak_flops = 0.0  # 0: look the device up in PEAK_FLOPS
     c.wandb_project = ""  # set (and pip install wandb) to log there too
     # data
     c.dataset = "fineweb-edu"
-    c.tokenizer = ""  # tokenizer name under $JAXCHAT_HOME/tokenizer/; defaults to the run name
+    # "stream": October's loader, BOS-joined docs cut into rows, nothing cropped (data/pretrain.py);
+    # "bestfit": the 2026 loader, BOS-aligned best-fit rows, ~35% of FineWeb-Edu's tokens cropped at T=2048.
+    c.packing = "stream"
+    c.allow_repeat = False  # base training refuses a horizon longer than the shards on disk unless this is set
+    c.tokenizer = ""  # name under $JAXCHAT_HOME/tokenizer/; defaults to the config file's name (not the run's)
     c.tokenizer_max_chars = 2_000_000_000
     c.tokenizer_doc_cap = 10_000
     # evaluation (evaluate/): which chat tasks, how many problems, how generative tasks sample
@@ -105,6 +113,9 @@ def default_config() -> ConfigDict:
     c.eval.chat_tasks = "ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,SpellingBee"
     c.eval.max_problems = -1  # per chat task; -1: all
     c.eval.core_max_per_task = -1  # CORE examples per task; -1: all (the reference's final eval)
+    # CORE prompts longer than this many tokens are cropped from the left; 0: scored whole, as the reference scores
+    # its own models (it crops only models that declare a max_seq_len: HF GPT-2, 1024)
+    c.eval.core_crop = 0
     c.eval.batch_size = 8  # categorical prompts per forward pass
     c.eval.generate_batch = 32  # generative problems decoded together
     c.eval.num_samples = 1  # pass@k samples per generative problem
@@ -121,6 +132,7 @@ def default_config() -> ConfigDict:
     c.mid.warmdown_ratio = 0.2  # flat, then linear to 0 over the last 20%
     c.mid.final_lr_frac = 0.0
     c.mid.weight_decay = 0.0
+    c.mid.grad_clip = 0.0  # the reference clips in base training only
     c.mid.embedding_lr = 0.2
     c.mid.unembedding_lr = 0.004
     c.mid.matrix_lr = 0.02
@@ -138,6 +150,7 @@ def default_config() -> ConfigDict:
     c.sft.warmdown_ratio = 1.0  # linear decay to 0 over the whole run
     c.sft.final_lr_frac = 0.0
     c.sft.weight_decay = 0.0
+    c.sft.grad_clip = 0.0
     c.sft.embedding_lr = 0.2
     c.sft.unembedding_lr = 0.004
     c.sft.matrix_lr = 0.02
@@ -145,7 +158,8 @@ def default_config() -> ConfigDict:
     c.sft.device_batch_size = 4
     c.sft.total_batch_size = -1
     c.sft.sequence_len = 2048
-    c.sft.layout = "packed"  # "packed" (best-fit whole conversations, HEAD) or "padded" (one per row, V0)
+    c.sft.layout = "padded"  # "padded" (one conversation per row, V0) or "packed" (best-fit whole conversations, HEAD)
+    c.sft.target_examples_per_step = 32  # padded: conversations per step, steps = rows // it (0: total_batch_size)
     c.sft.supervise = "assistant"
     c.sft.eval_every = 100
     c.sft.sample_every = -1
@@ -169,6 +183,7 @@ def default_config() -> ConfigDict:
     c.rl.warmdown_ratio = 1.0  # linear decay to 0
     c.rl.final_lr_frac = 0.0
     c.rl.weight_decay = 0.0
+    c.rl.grad_clip = 0.0
     c.rl.embedding_lr = 0.2
     c.rl.unembedding_lr = 0.004
     c.rl.matrix_lr = 0.02
@@ -237,6 +252,10 @@ STAGE_CHOICES = {
     "sft.layout": ("packed", "padded"), "mid.supervise": ("assistant", "all"), "sft.supervise": ("assistant", "all"),
     "rl.task": ("GSM8K", "Arithmetic"),
 }
+
+
+# Pretraining packings (data/pretrain.py): October's token stream and the 2026 best-fit rows.
+PACKINGS = ("stream", "bestfit")
 
 
 def check_stage_fields(c: ConfigDict) -> None:
@@ -316,6 +335,8 @@ def derive(c: ConfigDict, n_devices: int = 1) -> Derived:
     n_layer = c.depth
     num_params = count_params(c.vocab_size, n_layer, model_dim, n_head, n_kv_head, head_dim)
     check_stage_fields(c)
+    _require(c.get("packing", "stream") in PACKINGS,
+             f"packing must be one of {', '.join(PACKINGS)}, got {c.get('packing')!r}")
     num_embedding_params = c.vocab_size * model_dim
     # PaLM-style: 6 FLOPs per non-embedding parameter (the head counts) plus attention's QK^T and AV at full T.
     flops_per_token = 6 * (num_params - num_embedding_params) + 12 * n_layer * n_head * head_dim * c.sequence_len
@@ -382,6 +403,10 @@ def load_config_file(path: str) -> ConfigDict:
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected ConfigDict")
     if not config.get("run"):
         config.run = p.stem
+    if "tokenizer" in config and not config.tokenizer:  # the recipe's, shared by every run of it (--config.run=...)
+        config.tokenizer = p.stem
+    if "config_args" in config:
+        config.config_args = shlex.join([f"--config={path}"])
     return config
 
 
@@ -445,8 +470,92 @@ def parse_args(argv: list[str]) -> tuple[ConfigDict, list[str]]:
             rest.append(arg)
     if path is None:
         raise ConfigError("missing --config=configs/<name>.py (e.g. configs/tiny.py)")
-    config = load_config_file(path)
-    return apply_overrides(config, overrides), rest
+    config = apply_overrides(load_config_file(path), overrides)
+    if "config_args" in config:
+        config.config_args = shlex.join([f"--config={path}", *(f"--config.{k}={v}" for k, v in overrides.items())])
+    return config, rest
+
+
+def command(c: ConfigDict, program: str, *args: str) -> str:
+    """A command line for this config, e.g. command(c, "train.py", "--stage=tokenizer") -> `python train.py
+    --config=configs/d20.py --config.run=exp2 --stage=tokenizer`: the --config arguments that built `c` (so every
+    "run this" message names a command that works), or a placeholder for a config built in code."""
+    config_args = c.get("config_args") or f"--config=configs/<name>.py --config.run={shlex.quote(c.get('run', ''))}"
+    return " ".join(["python", program, config_args, *args])
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPlan:
+    """What the base horizon needs of the pretraining shards, from the dataset's known figures (data/datasets.py):
+    nothing is tokenized. Base training measures the real figures on the shards at start-up (stages.py)."""
+
+    dataset: str
+    packing: str
+    horizon_tokens: int
+    chars_per_shard: float
+    chars_per_token: float
+    crop: float  # fraction of tokens the packing crops away
+    crop_seq_len: int  # the sequence length the crop figure was measured at (0: any)
+    train_shards: int  # train shards the dataset has in all
+
+    @property
+    def tokens_per_shard(self) -> float:
+        return self.chars_per_shard / self.chars_per_token * (1 - self.crop)
+
+    @property
+    def shards_exact(self) -> float:
+        return self.horizon_tokens / self.tokens_per_shard
+
+    @property
+    def shards_needed(self) -> int:
+        """Train shards to download: the exact need plus the downloads' spare."""
+        from jaxchat.data.datasets import shards_needed
+
+        return shards_needed(self.horizon_tokens, self.tokens_per_shard)
+
+
+def data_plan(c: ConfigDict, d: Derived) -> DataPlan | None:
+    """The base horizon against the config's dataset, or None when the dataset's figures are unknown."""
+    from jaxchat.data.datasets import get_dataset
+
+    ds = get_dataset(c.dataset)
+    packing = c.get("packing", "stream")
+    tokens_per_shard = ds.tokens_per_shard(packing)
+    if tokens_per_shard is None:
+        return None
+    stream = packing == "stream"
+    return DataPlan(dataset=c.dataset, packing=packing, horizon_tokens=d.total_tokens,
+                    chars_per_shard=ds.chars_per_shard, chars_per_token=ds.chars_per_token,
+                    crop=0.0 if stream else ds.bestfit_crop, crop_seq_len=0 if stream else ds.bestfit_crop_seq_len,
+                    train_shards=ds.num_shards - 1)
+
+
+PACKING_NOTES = {
+    "stream": "the October loader: BOS-joined docs cut into consecutive rows, nothing cropped",
+    "bestfit": "the 2026 loader: BOS-aligned best-fit rows, the shortest doc cropped when none fits",
+}
+SFT_LAYOUT_NOTES = {"packed": "best-fit whole conversations, the 2026 reference", "padded": "one conversation per row, "
+                    "the October reference"}
+
+
+def _data_lines(c: ConfigDict, d: Derived) -> list[str]:
+    from jaxchat.data.datasets import SHARD_SPARE, download_command
+
+    plan = data_plan(c, d)
+    if plan is None:
+        return [f"data horizon            {d.total_tokens:,} tokens; the {c.dataset} shards needed are unknown at config "
+                "time (no chars/token figure): base training measures them at start-up"]
+    crop = f"{plan.crop:.0%} crop" + (f" (at T={plan.crop_seq_len:,})" if plan.crop_seq_len else "")
+    get = download_command(plan.dataset, plan.shards_needed)
+    lines = [f"data horizon            {plan.horizon_tokens:,} tokens = {plan.shards_exact:.1f} {plan.dataset} shards of "
+             f"{plan.chars_per_shard / 1e6:,.1f}M chars at {plan.chars_per_token} chars/token, {crop}",
+             f"  shards needed         {plan.shards_needed} (with {SHARD_SPARE:.0%} spare)"
+             + (f": {get}" if get else "")]
+    if plan.shards_exact > plan.train_shards:
+        lines.append(f"  note                  {plan.dataset} has only {plan.train_shards} train shards: the horizon "
+                     + ("repeats data (allow_repeat is set)" if c.get("allow_repeat", False) else
+                        "would repeat data, which base training refuses unless allow_repeat is set"))
+    return lines
 
 
 def describe(c: ConfigDict, d: Derived) -> str:
@@ -465,21 +574,48 @@ def describe(c: ConfigDict, d: Derived) -> str:
         f"learning rates          embedding {d.embedding_lr:.6g}, unembedding {d.unembedding_lr:.6g}, matrix (Muon) {d.matrix_lr:.6g}",
         f"schedule                warmup {c.warmup_ratio}, warmdown {c.warmdown_ratio}, final lr frac {c.final_lr_frac}; "
         f"Muon momentum {c.muon_momentum_start} -> {c.muon_momentum_end} over {c.muon_momentum_warmup} steps",
+        f"gradient clipping       {_grad_clip_text(c)}",
+        f"packing                 {c.get('packing', 'stream')} ({PACKING_NOTES.get(c.get('packing', 'stream'), '?')})"
+        + ("; repeats allowed" if c.get("allow_repeat", False) else ""),
+        *_data_lines(c, d),
     ]
+    if "sft" in c:
+        layout = c.sft.get("layout", "packed")
+        lines.append(f"SFT layout              {layout} ({SFT_LAYOUT_NOTES.get(layout, '?')})")
     return "\n".join(lines)
+
+
+def _grad_clip_text(c: ConfigDict) -> str:
+    """Base's global-norm clip and the chat stages' where they differ (0: off)."""
+    base = c.get("grad_clip", 0.0)
+    stages = [f"{s} {c[s].grad_clip}" for s in CHAT_STAGES if s in c and "grad_clip" in c[s]]
+    return f"{base} (global norm; 0 = off)" + (f"; {', '.join(stages)}" if stages else "")
+
+
+def shards_needed(c: ConfigDict, d: Derived) -> int:
+    """Train shards the base horizon needs at the dataset's known figures, spare included (`--shards-needed`)."""
+    plan = data_plan(c, d)
+    if plan is None:
+        raise ConfigError(f"the shards needed for dataset {c.dataset!r} are unknown at config time (data/datasets.py "
+                          "has no chars/token figure for it); pass the count yourself")
+    return plan.shards_needed
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         config, rest = parse_args(argv)
-        n_devices = 1
+        n_devices, only_shards = 1, False
         for arg in rest:
             if arg.startswith("--devices="):
                 n_devices = int(arg.split("=", 1)[1])
+            elif arg == "--shards-needed":  # just the number, for scripts (runs/speedrun.sh)
+                only_shards = True
             else:
-                raise ConfigError(f"unknown argument {arg!r} (usage: --config=PATH [--config.x=y ...] [--devices=N])")
-        print(describe(config, derive(config, n_devices)))
+                raise ConfigError(f"unknown argument {arg!r} (usage: --config=PATH [--config.x=y ...] [--devices=N] "
+                                  "[--shards-needed])")
+        derived = derive(config, n_devices)
+        print(shards_needed(config, derived) if only_shards else describe(config, derived))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

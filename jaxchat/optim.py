@@ -4,6 +4,11 @@ Parameters are routed by path (`labels`): every matrix under `blocks` → Muon; 
 `lm_head` → AdamW at the unembedding lr. Anything else is an error, so a new parameter cannot silently land in the
 wrong group. `optax.multi_transform` combines the three.
 
+Gradient clipping (`grad_clip`, base_train's 1.0 in October 2025; 0 turns it off) comes first in the chain, on the
+global norm of all gradients together, as `torch.nn.utils.clip_grad_norm_` on one device. (On several GPUs the
+reference clipped each rank's local gradient before its optimizer averaged them, a bug it later removed with the
+clipping itself; jaxchat always clips the global norm.) The train step logs the norm measured before clipping.
+
 Schedules are host-side: each step the trainer computes the lr multiplier and Muon momentum here and passes them to
 the jitted step as traced scalars (`lrm`, `momentum`), so nothing recompiles as they change. Every group's update is
 linear in its learning rate (AdamW's decoupled weight decay included), so scaling the combined update by `lrm` is
@@ -42,7 +47,8 @@ def labels(params):
 
 
 def make_optimizer(config, derived) -> optax.GradientTransformationExtraArgs:
-    """multi_transform(Muon, AdamW, AdamW) at the derived learning rates (before the lr multiplier)."""
+    """clip_by_global_norm, then multi_transform(Muon, AdamW, AdamW) at the derived learning rates (before the lr
+    multiplier)."""
 
     def adamw(lr):
         return optax.adamw(
@@ -58,7 +64,14 @@ def make_optimizer(config, derived) -> optax.GradientTransformationExtraArgs:
         "embedding": adamw(derived.embedding_lr),
         "unembedding": adamw(derived.unembedding_lr),
     }
-    return optax.multi_transform(transforms, labels)
+    groups = optax.multi_transform(transforms, labels)
+    grad_clip = config.get("grad_clip", 0.0)
+    if grad_clip < 0:
+        raise ValueError(f"grad_clip must be >= 0 (0 turns clipping off), got {grad_clip}")
+    # Always a chain, so the optimizer state has one structure whether clipping is on or off (both keep no state).
+    clip = optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity()
+    return optax.chain(clip, groups)
+
 
 
 def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float) -> float:

@@ -3,7 +3,8 @@
     data/<dataset>/shard_*.parquet     pretraining shards
     tasks/                             task dataset cache (SmolTalk, MMLU, ...)
     eval_bundle/                       the DCLM CORE bundle
-    tokenizer/<name>/                  tokenizer.json + token_bytes.npy
+    words_alpha.txt                    the spelling tasks' word list
+    tokenizer/<name>/                  tokenizer.json + token_bytes.npy (<name>: the config file's, unless set)
     runs/<run>/<stage>/                checkpoints/, metrics.jsonl, report section
 """
 import os

@@ -1,7 +1,8 @@
 """The stages: what data, loss and schedule each one brings to the shared loop (trainer.py).
 
 - tokenizer: BPE on the first `tokenizer_max_chars` characters of the pretraining shards, then the compression table.
-- base: pretraining on BOS-aligned best-fit packed shards, validation bits-per-byte on the pinned val shard.
+- base: pretraining on the shards, stream or best-fit packed (`config.packing`), after checking that they hold the
+  horizon; validation bits-per-byte on the pinned val shard.
 (mid, sft and rl plug in here as they land.)
 """
 from __future__ import annotations
@@ -16,13 +17,10 @@ import numpy as np
 from jaxchat import config as C
 from jaxchat import model, optim, paths, tok_eval, trainer
 from jaxchat.data import shards, tiny_corpus
-from jaxchat.data.pretrain import pretrain_dataset, val_batches
+from jaxchat.data.datasets import SHARD_SPARE, download_command, get_dataset
+from jaxchat.data.pretrain import data_horizon, pretrain_dataset, val_batches
 from jaxchat.evaluate import report
-from jaxchat.tokenizer import Tokenizer
-
-
-def tokenizer_name(config) -> str:
-    return config.tokenizer or config.run
+from jaxchat.tokenizer import Tokenizer, load_for_config, tokenizer_name  # noqa: F401 (tokenizer_name: re-exported)
 
 
 def prepare_data(config) -> None:
@@ -32,14 +30,15 @@ def prepare_data(config) -> None:
 
 
 def load_tokenizer(config) -> Tokenizer:
-    directory = paths.tokenizer_dir(tokenizer_name(config))
-    if not (directory / "tokenizer.json").exists():
-        raise FileNotFoundError(
-            f"no tokenizer at {directory} — run `python train.py --config=configs/{config.run}.py --stage=tokenizer`")
-    tok = Tokenizer.load(directory)
+    tok = load_for_config(config)
     if tok.vocab_size != config.vocab_size:
-        raise ValueError(f"tokenizer {directory} has {tok.vocab_size:,} ids but the config's vocab_size is "
-                         f"{config.vocab_size:,}; retrain it (--stage=tokenizer) or set --config.vocab_size")
+        # Retraining under the same name would replace the tokenizer other runs of this recipe use: name a new one.
+        directory = paths.tokenizer_dir(tokenizer_name(config))
+        raise C.ConfigError(
+            f"tokenizer {directory} has {tok.vocab_size:,} ids but the config's vocab_size is {config.vocab_size:,}; "
+            f"set --config.vocab_size={tok.vocab_size} to use it, or train one under another name: `"
+            + C.command(config, "train.py", f"--config.tokenizer={tokenizer_name(config)}-{config.vocab_size}",
+                        "--stage=tokenizer") + "` (and pass that --config.tokenizer to every stage)")
     return tok
 
 
@@ -68,16 +67,46 @@ def run_tokenizer(config, log=print) -> Tokenizer:
     return tok
 
 
-def base_stage(config, tokenizer) -> trainer.Stage:
+def check_data_horizon(config, train_paths, tokenizer, derived, log=print) -> dict:
+    """The train shards on disk against the base horizon, measured on a sample (pretrain.data_horizon), before any
+    training: a horizon that would read them more than once is refused, naming the shards to download, unless
+    `allow_repeat` is set. Returns the record the trainer logs in metrics.jsonl."""
+    h = data_horizon(train_paths, tokenizer, config.sequence_len, config.packing, derived.total_tokens)
+    log(f"base data: {h.train_shards} {config.dataset} train shards, ~{h.tokens_available:,.0f} tokens after "
+        f"{h.packing} packing ({h.crop_fraction:.1%} lost to cropping, {h.chars_per_token:.2f} chars/token, measured on "
+        f"{h.sample_docs:,} docs); the horizon of {h.horizon_tokens:,} tokens is {h.epochs:.2f} epochs")
+    if h.epochs > 1:
+        ds = get_dataset(config.dataset)
+        get = download_command(config.dataset, h.shards_needed)
+        if get is None:
+            where = f"{config.dataset} is generated locally, not downloaded, so lower num_iterations"
+        elif h.shards_needed >= ds.num_shards:
+            where = f"{config.dataset} has only {ds.num_shards - 1} train shards in all, so lower num_iterations"
+        else:
+            where = f"run `{get}`"
+        reason = (f"the base horizon of {h.horizon_tokens:,} tokens is {h.epochs:.2f} epochs of the {h.train_shards} "
+                  f"{config.dataset} train shards on disk (~{h.tokens_per_shard:,.0f} tokens per shard after "
+                  f"{h.packing} packing, {h.crop_fraction:.1%} lost to cropping)")
+        if not config.allow_repeat:
+            raise C.ConfigError(
+                f"{reason}: training would repeat data. It needs {h.shards_needed} train shards ({SHARD_SPARE:.0%} "
+                f"spare included): {where}; or set --config.allow_repeat=True to train on repeated data")
+        log(f"base data: {reason}; allow_repeat is set, so the data repeats")
+    return {"data_horizon": h.record()}
+
+
+def base_stage(config, tokenizer, log=print) -> trainer.Stage:
     prepare_data(config)
     train_paths, val_path = shards.list_shards(config.dataset)
     derived = C.derive(config, len(jax.devices()))
+    record = check_data_horizon(config, train_paths, tokenizer, derived, log)
 
     def train_data(rows, pidx, pcount):
-        return iter(pretrain_dataset(train_paths, tokenizer, rows, config.sequence_len, pidx, pcount))
+        return iter(pretrain_dataset(train_paths, tokenizer, rows, config.sequence_len, pidx, pcount,
+                                     packing=config.packing))
 
     def val_data(rows, pidx, pcount):
-        return val_batches(val_path, tokenizer, rows, config.sequence_len, pidx, pcount)
+        return val_batches(val_path, tokenizer, rows, config.sequence_len, pidx, pcount, packing=config.packing)
 
     return trainer.Stage(
         name="base",
@@ -85,6 +114,7 @@ def base_stage(config, tokenizer) -> trainer.Stage:
         train_data=train_data,
         val_data=val_data,
         schedule=lambda step: optim.schedule(config, derived, step),
+        start_record=record,
     )
 
 
@@ -104,8 +134,8 @@ def restore_params(config, stage: str, abstract):
     directory = paths.run_dir(config.run, stage) / "checkpoints"
     with Checkpointer(directory, async_save=False) as ckpt:
         if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"no {stage} checkpoint in {directory} — run `python train.py "
-                                    f"--config=configs/{config.run}.py --stage={stage}` first")
+            raise FileNotFoundError(f"no {stage} checkpoint in {directory} — run "
+                                    f"`{C.command(config, 'train.py', f'--stage={stage}')}` first")
         restored = ckpt.restore(abstract_params=abstract)
     print(f"starting from {stage} step {restored.step:,} ({directory})", flush=True)
     return restored.params
@@ -133,18 +163,38 @@ def packed_rows_per_conversation(lengths: list[int], capacity: int, buffer_size:
 
 def epoch_steps(tasks, tokenizer, seq_len: int, rows_per_step: int, layout: str, sample: int = 2000,
                 seed: int = 0) -> int:
-    """Optimizer steps in one epoch of a mixture: exact for padded rows (one conversation each); for packed rows,
-    estimated by packing a seeded sample of rendered conversations."""
+    """Optimizer steps in one epoch of a mixture. Padded rows (one conversation each): `len // rows_per_step`, as
+    the reference's V0 SFT (`len(train_ds) // target_examples_per_step`; the remainder is not trained on). Packed
+    rows: estimated by packing a seeded sample of rendered conversations, rounded up."""
     n = sum(len(t) for t in tasks)
     if layout == "padded":
-        rows = n
-    else:
-        pairs = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
-        pick = np.random.default_rng(seed).permutation(len(pairs))[:sample]
-        lengths = [len(tokenizer.render_conversation(tasks[pairs[j][0]][pairs[j][1]], max_tokens=seq_len + 1)[0])
-                   for j in pick]
-        rows = n * packed_rows_per_conversation(lengths, seq_len + 1)
+        return max(1, n // rows_per_step)
+    pairs = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
+    pick = np.random.default_rng(seed).permutation(len(pairs))[:sample]
+    lengths = [len(tokenizer.render_conversation(tasks[pairs[j][0]][pairs[j][1]], max_tokens=seq_len + 1)[0])
+               for j in pick]
+    rows = n * packed_rows_per_conversation(lengths, seq_len + 1)
     return max(1, math.ceil(rows / rows_per_step))
+
+
+def chat_horizon(config, name: str, train_tasks, tokenizer, n_devices: int):
+    """(stage config with its batch and horizon set, Derived) for a chat stage. Padded rows with
+    `target_examples_per_step` > 0 are the reference's V0 SFT: a step is that many conversations (one per row of
+    sequence_len) over device_batch_size x devices x gradient accumulation (32 = 4 x 8 x 1 on 8 GPUs), and the
+    horizon is `rows // target_examples_per_step * num_epochs` (22,443 rows -> 701 steps)."""
+    sc = C.stage_config(config, name)
+    group = config[name]
+    layout = group.get("layout", "packed")
+    if layout == "padded" and group.get("target_examples_per_step", 0) > 0:
+        sc.total_batch_size = group.target_examples_per_step * sc.sequence_len
+    probe = C.derive(sc, n_devices)
+    rows_per_step = probe.total_batch_size // sc.sequence_len
+    if group.num_iterations > 0:
+        sc.num_iterations = group.num_iterations
+    else:
+        epoch = epoch_steps(train_tasks, tokenizer, sc.sequence_len, rows_per_step, layout)
+        sc.num_iterations = epoch * group.get("num_epochs", 1)
+    return sc, C.derive(sc, n_devices)
 
 
 def chat_stage(config, name: str, tokenizer, source: str) -> tuple[trainer.Stage, object]:
@@ -153,20 +203,12 @@ def chat_stage(config, name: str, tokenizer, source: str) -> tuple[trainer.Stage
     from jaxchat.data.chat import chat_dataset
     from jaxchat.tasks.mixtures import mixture
 
-    sc = C.stage_config(config, name)
     group = config[name]
     train_tasks = mixture(name, group.mixture, "train")
     val_tasks = mixture(name, group.mixture, "val")
     layout = group.get("layout", "packed")
-    n_devices = len(jax.devices())
-    probe = C.derive(sc, n_devices)
-    rows_per_step = probe.total_batch_size // sc.sequence_len
-    if group.num_iterations > 0:
-        n_steps = group.num_iterations
-    else:
-        n_steps = epoch_steps(train_tasks, tokenizer, sc.sequence_len, rows_per_step, layout) * group.get("num_epochs", 1)
-    sc.num_iterations = n_steps
-    derived = C.derive(sc, n_devices)
+    sc, derived = chat_horizon(config, name, train_tasks, tokenizer, len(jax.devices()))
+    n_steps = sc.num_iterations
 
     def train_data(rows, pidx, pcount):
         return iter(chat_dataset(train_tasks, tokenizer, rows, sc.sequence_len, mode=layout, seed=sc.seed,
@@ -329,7 +371,7 @@ def run_stage(config, stage: str, log=print):
         return run_tokenizer(config, log)
     tokenizer = load_tokenizer(config)
     if stage == "base":
-        return trainer.run(config, base_stage(config, tokenizer), tokenizer, log=log)
+        return trainer.run(config, base_stage(config, tokenizer, log), tokenizer, log=log)
     if stage in ("mid", "sft"):
         return run_chat_stage(config, stage, tokenizer, log)
     if stage == "rl":

@@ -84,11 +84,33 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
 
 
 def _not_found_error(directory: Path) -> FileNotFoundError:
+    # Without the config, name the recipe whose default tokenizer this is (tokenizer_name) when one of ours is; else
+    # the tokenizer's name is what the training command must match.
     name = directory.name
+    recipe = Path(__file__).resolve().parent.parent / "configs" / f"{name}.py"
+    config = f"configs/{name}.py" if recipe.is_file() else f"<your config> --config.tokenizer={name}"
     return FileNotFoundError(
         f"no tokenizer at {directory} ({TOKENIZER_FILE} missing) — train it with "
-        f"`python train.py --config=configs/{name}.py --stage=tokenizer`"
+        f"`python train.py --config={config} --stage=tokenizer`"
     )
+
+
+def tokenizer_name(config) -> str:
+    """The tokenizer a config uses: `config.tokenizer`, which load_config_file sets to the config file's name (so every
+    run of a recipe, whatever its --config.run, shares one); the run's name only for a config built in code."""
+    return config.get("tokenizer") or config.run
+
+
+def load_for_config(config) -> Tokenizer:
+    """The config's tokenizer; FileNotFoundError naming the command (this config's own arguments) that trains it."""
+    from jaxchat import paths
+    from jaxchat.config import command
+
+    directory = paths.tokenizer_dir(tokenizer_name(config))
+    if not (directory / TOKENIZER_FILE).is_file():
+        train = command(config, "train.py", "--stage=tokenizer")
+        raise FileNotFoundError(f"no tokenizer at {directory} — run `{train}`")
+    return Tokenizer.load(directory)
 
 
 class Tokenizer:
@@ -367,8 +389,8 @@ def _merge_system(messages: list[dict]) -> list[dict]:
     if messages[0]["role"] != "system":
         return messages
     system = messages[0]["content"]
-    if not isinstance(system, str) or not system:
-        raise ValueError("the system message content must be a non-empty string")
+    if not isinstance(system, str):
+        raise ValueError("the system message content must be a string")
     if len(messages) < 2 or messages[1]["role"] != "user":
         raise ValueError("a system message must be followed by a user message")
     first = dict(messages[1])
@@ -387,12 +409,11 @@ def _check_turns(messages: list[dict]) -> None:
         content = m["content"]
         if expected == "user" and not isinstance(content, str):
             raise ValueError(f"message {i} (user): user content must be a string, got {type(content).__name__}")
+        # Empty content (a string or a list of no parts) renders as the reference renders it: the turn's markers only.
         if isinstance(content, str):
-            if not content:
-                raise ValueError(f"message {i} ({m['role']}) has empty content")
             continue
-        if not isinstance(content, list) or not content:
-            raise ValueError(f"message {i} (assistant): content must be a non-empty string or a non-empty list of parts")
+        if not isinstance(content, list):
+            raise ValueError(f"message {i} (assistant): content must be a string or a list of parts")
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
                 raise ValueError(f'message {i} part {j}: expected {{"type": one of {PART_TYPES}, "text": str}}, got {part!r}')

@@ -40,7 +40,8 @@ def train_step(graphdef, tx, params, opt_state, batch, hparams, loss_fn=model.lo
     updates, opt_state = tx.update(grads, opt_state, params, momentum=hparams["momentum"])
     updates = jax.tree.map(lambda u: u * hparams["lrm"], updates)
     params = optax.apply_updates(params, updates)
-    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    # The global norm of the raw gradient, before the optimizer's clipping (optim.make_optimizer): what clipping saw.
+    grad_norm = optax.tree.norm(grads)
     return params, opt_state, {"loss": loss, "grad_norm": grad_norm}
 
 

@@ -66,6 +66,8 @@ class Stage:
     metrics_every: int = -1
     # extra per-row batch arrays the loss takes after inputs and targets (RL's advantages)
     row_keys: tuple[str, ...] = ()
+    # written to metrics.jsonl at the step the loop starts from (e.g. base's data horizon check)
+    start_record: dict | None = None
 
 
 @dataclasses.dataclass
@@ -165,6 +167,11 @@ class _Readers:
         for it in self._its:
             if hasattr(it, "bind"):
                 it.bind(params)
+
+    def epoch(self) -> int | None:
+        """The furthest epoch this process's streams are reading, where they say (pipelines with an `epoch`)."""
+        epochs = [it.epoch for it in self._its if isinstance(getattr(it, "epoch", None), int)]
+        return max(epochs) if epochs else None
 
     def step_metrics(self) -> dict:
         """Means over this process's streams of what on-policy streams report about their last step."""
@@ -273,6 +280,8 @@ def run(config, stage: Stage, tokenizer, *, log: Callable[[str], None] = print) 
     sampler = (make_sampler(graphdef, tokenizer, stage.sample_prompts, 16, config.sequence_len)
                if stage.sample_prompts and config.sample_every > 0 else None)
     metrics = MetricsLog(stage_dir / "metrics.jsonl", start, primary=pidx == 0)
+    if stage.start_record:
+        metrics.write({"step": start, **stage.start_record})
     wandb_run = _maybe_wandb(config, stage.name)
     device_kind = devices[0].device_kind
 
@@ -331,6 +340,9 @@ def run(config, stage: Stage, tokenizer, *, log: Callable[[str], None] = print) 
                 record = {"step": completed, "loss": loss, "lr": lr, "lrm": hparams["lrm"],
                           "momentum": hparams.get("momentum"), "tokens_per_s": tps, "mfu": mfu,
                           "elapsed": elapsed, "grad_norm": float(out["grad_norm"])}
+                epoch = data.epoch()
+                if epoch is not None:
+                    record["epoch"] = epoch
                 on_policy = data.step_metrics()  # e.g. RL's mean reward of this step's rollouts
                 record.update(on_policy)
                 log(f"step {completed:>6}/{n_steps} | loss {smooth:.4f} | lrm {hparams['lrm']:.3f} | "

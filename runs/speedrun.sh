@@ -7,8 +7,9 @@
 #   bash runs/speedrun.sh --config.device_batch_size=16   # any config field, passed to every step
 #
 # Options: --depth N, --config FILE (default configs/d20.py), --run NAME, --shards N (default: enough for the
-# horizon), --rl, --cpu (CPU jax, no CUDA wheels), --offline (no downloads: for the embedded tiny corpus),
-# --no-venv (use $PYTHON or python3.12 as it is). runs/tiny.sh is this script on configs/tiny.py, CPU, offline.
+# horizon with the config's packing, what `python -m jaxchat.config ... --shards-needed` prints), --rl, --cpu (CPU
+# jax, no CUDA wheels), --offline (no downloads: for the embedded tiny corpus), --no-venv (use $PYTHON or python3.12
+# as it is). runs/tiny.sh is this script on configs/tiny.py, CPU, offline.
 #
 # Resumable: re-run the same command after an interruption. Finished steps are skipped (their markers are in
 # $JAXCHAT_HOME/runs/<run>/speedrun/), downloads skip valid files, and training resumes from its checkpoint.
@@ -40,7 +41,8 @@ while [[ $# -gt 0 ]]; do
     *) echo "error: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
   esac
 done
-# Another depth is another model: give it its own run (checkpoints, tokenizer) unless one is named.
+# Another depth is another model: give it its own run (checkpoints) unless one is named. The tokenizer is the config
+# file's (same data, same vocabulary), so every depth and run of one recipe shares it.
 if [[ -n "$DEPTH" ]]; then OVERRIDES+=("--config.depth=$DEPTH"); RUN=${RUN:-d$DEPTH}; fi
 if [[ -n "$RUN" ]]; then OVERRIDES+=("--config.run=$RUN"); fi
 ARGS=("--config=$CONFIG" "${OVERRIDES[@]}")
@@ -65,17 +67,22 @@ else
   PY=${PYTHON:-python3.12}
 fi
 
-# What the config resolves to: run name, tokenizer name and the shards its horizon needs (4.8 chars per token and
-# 250M chars per shard, as the reference's arithmetic, plus 10% spare).
+# What the config resolves to: run name, tokenizer name and the train shards its horizon needs with its packing
+# (jaxchat.config.data_plan, the number `python -m jaxchat.config ... --shards-needed` prints: the dataset's chars
+# per shard and per token, best-fit's crop, plus 10% spare; 237 for d20's stream packing). 0: unknown.
 read -r RUN TOKENIZER NEED_SHARDS < <("$PY" - "${ARGS[@]}" <<'EOF'
-import math, sys
+import sys
 from jaxchat import config as C
 c, _ = C.parse_args(sys.argv[1:])
 d = C.derive(c, 8)
-print(c.run, c.tokenizer or c.run, math.ceil(d.num_iterations * d.total_batch_size * 4.8 / 250e6 * 1.1))
+plan = C.data_plan(c, d)
+print(c.run, c.tokenizer or c.run, plan.shards_needed if plan else 0)
 EOF
 )
 [[ -n "${NEED_SHARDS:-}" ]] || { echo "error: could not read the config (see above)" >&2; exit 2; }
+if [[ $NEED_SHARDS == 0 && -z "$SHARDS" && $OFFLINE == 0 ]]; then
+  echo "error: the shards this config's horizon needs are unknown for its dataset; pass --shards N" >&2; exit 2
+fi
 SHARDS=${SHARDS:-$NEED_SHARDS}
 STATE="$JAXCHAT_HOME/runs/$RUN/speedrun"
 mkdir -p "$STATE/logs"

@@ -81,19 +81,29 @@ def test_processes_get_disjoint_strides_of_the_same_mixture():
     assert parts[0] == full[0::2] and parts[1] == full[1::2]
 
 
-def test_padded_mode_puts_one_conversation_per_row_and_masks_padding(tok):
+def reference_padded_row(tok, conv, T):
+    """One row of nanochat V0 chat_sft's collate (§7.2), written out: render with its cap (2048 = T), inputs ids[:-1]
+    padded with <|assistant_end|>, targets ids[1:] with -1 where mask[1:] is 0 and on padding."""
+    ids, mask = tok.render_conversation(conv, max_tokens=T)
+    pad = tok.special_id("<|assistant_end|>")
+    inputs = ids[:-1] + [pad] * (T - len(ids) + 1)
+    targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])] + [-1] * (T - len(ids) + 1)
+    return inputs, targets
+
+
+def test_padded_mode_is_the_reference_v0_sft_collate_row_for_row(tok):
     convs = list(chat.mixture([A, TOOLS], seed=3, num_epochs=1))
+    assert max(len(tok.render_conversation(c, 10_000)[0]) for c in convs) > T + 1  # some are capped
     batches = list(chat.chat_dataset([A, TOOLS], tok, B, T, mode="padded", seed=3, num_epochs=1))
     inputs = np.concatenate([b["inputs"] for b in batches])
     targets = np.concatenate([b["targets"] for b in batches])
     for row, conv in enumerate(convs):
-        ids, mask = tok.render_conversation(conv, T + 1)
-        pad = T + 1 - len(ids)
-        np.testing.assert_array_equal(inputs[row], (ids + [tok.bos_id] * pad)[:T])
-        np.testing.assert_array_equal(targets[row], expected_targets(ids + [tok.bos_id] * pad, mask + [0] * pad))
-    # the last batch is topped up with empty rows: BOS inputs, nothing supervised
+        ref_inputs, ref_targets = reference_padded_row(tok, conv, T)
+        np.testing.assert_array_equal(inputs[row], ref_inputs)
+        np.testing.assert_array_equal(targets[row], ref_targets)
+    # the last batch is topped up with empty rows: padding only, nothing supervised
     assert inputs.shape[0] == -(-len(convs) // B) * B
-    assert (targets[len(convs):] == -1).all() and (inputs[len(convs):] == tok.bos_id).all()
+    assert (targets[len(convs):] == -1).all() and (inputs[len(convs):] == tok.special_id("<|assistant_end|>")).all()
 
 
 def split_packed_row(inputs_row, targets_row, bos, user_start):

@@ -2,6 +2,7 @@
 log SFT's periodic accuracy, evaluate at the end (once per checkpoint), and fail clearly without their source; plus
 the horizon estimate and the tiny mixtures' determinism and coverage."""
 import json
+import re
 import shutil
 import signal
 
@@ -102,6 +103,18 @@ def test_sft_from_mid_logs_accuracy_and_does_not_repeat_its_evaluation(home, str
     assert (home / "runs" / "straight" / "report.md").exists()
 
 
+def test_sft_padded_layout_trains_32_conversations_per_step_through_train_py(home, straight):
+    shutil.copytree(home / "runs" / "straight" / "mid", home / "runs" / "padded" / "mid")
+    proc = chat_train(home, "padded", "--stage=sft", "--config.sft.layout=padded", "--config.sft.num_iterations=2",
+                      "--config.sft.metric_every=-1", "--config.eval.chat_tasks=TinyQuiz")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # 32 conversations of T=64 per step: 4 rows x devices x micro-batches
+    accumulation, devices = map(int, re.search(r"sft: 2 steps of 2,048 tokens, (\d+) micro-batches each, (\d+) "
+                                               r"device", proc.stdout).groups())
+    assert 4 * devices * accumulation == 32
+    assert sorted(losses(home, "padded", "sft")) == [1, 2]
+
+
 def test_sft_without_its_source_names_the_command(home):
     proc = chat_train(home, "nosource", "--stage=sft")
     assert proc.returncode != 0
@@ -119,7 +132,25 @@ def test_packing_estimate_matches_the_real_packer():
         next(it)
         steps += 1
     assert abs(estimated - steps) / steps < 0.05, (estimated, steps)
-    assert stages.epoch_steps(tasks, tok, seq_len, rows_per_step=8, layout="padded") == -(-sum(map(len, tasks)) // 8)
+    assert stages.epoch_steps(tasks, tok, seq_len, rows_per_step=8, layout="padded") == sum(map(len, tasks)) // 8
+
+
+@pytest.mark.parametrize("n_devices, accumulation", [(8, 1), (4, 2), (1, 8)])
+def test_sft_padded_takes_exactly_rows_over_32_steps_of_32_conversations(n_devices, accumulation):
+    """d20's SFT is the reference's V0: one conversation per row, target_examples_per_step 32 = device_batch_size 4 x
+    devices x accumulation, num_iterations = (len(train_ds) // 32) * num_epochs, so 22,443 rows -> 701 steps."""
+    from jaxchat.config import load_config_file
+
+    c = load_config_file("configs/d20.py")
+    assert c.sft.layout == "padded" and c.sft.target_examples_per_step == 32 and c.sft.device_batch_size == 4
+    assert load_config_file("configs/tiny.py").sft.layout == "packed"
+    tasks = [[{}] * 20_000, [{}] * 2_443]  # padded rows need only the count
+    sc, d = stages.chat_horizon(c, "sft", tasks, tokenizer=None, n_devices=n_devices)
+    assert sc.num_iterations == d.num_iterations == 22_443 // 32 == 701
+    assert d.total_batch_size == 32 * 2048 and d.grad_accum_steps == accumulation
+    assert d.device_batch_size * n_devices * d.grad_accum_steps == 32  # conversations per step
+    c.sft.num_epochs = 2
+    assert stages.chat_horizon(c, "sft", tasks, None, n_devices)[0].num_iterations == 1402
 
 
 def test_tiny_mixture_is_deterministic_and_covers_every_example_once_per_epoch():

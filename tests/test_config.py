@@ -60,6 +60,7 @@ def test_gqa_and_mqa_by_n_kv_head():
         ({"n_kv_head": 3}, "must divide n_head"),
         ({"device_batch_size": 3}, "not a multiple of"),
         ({"vocab_size": 5}, "special tokens"),
+        ({"packing": "greedy"}, "packing must be one of stream, bestfit, got 'greedy'"),
     ],
 )
 def test_bad_config_fails_with_a_clear_message(overrides, message):
@@ -123,3 +124,73 @@ def test_bad_stage_fields_are_config_errors(override, message):
     config, _ = C.parse_args(["--config=configs/tiny.py", f"--config.{override}"])
     with pytest.raises(C.ConfigError, match=re.escape(message)):
         C.derive(config, 1)
+
+
+def test_the_tokenizer_is_the_recipes_not_the_runs():
+    """--config.run=exp2 is a new run of d20, not a new recipe: it uses d20's tokenizer (20 minutes saved at d20)."""
+    from jaxchat.tokenizer import tokenizer_name
+
+    assert tokenizer_name(C.parse_args(["--config=configs/d20.py"])[0]) == "d20"
+    exp2, _ = C.parse_args(["--config=configs/d20.py", "--config.run=exp2"])
+    assert exp2.run == "exp2" and tokenizer_name(exp2) == "d20"
+    assert tokenizer_name(C.parse_args(["--config=configs/d20.py", "--config.run=exp2",
+                                        "--config.tokenizer=mine"])[0]) == "mine"
+
+
+def test_run_this_messages_name_a_command_that_works(tmp_path, monkeypatch):
+    import pathlib
+    import shlex
+
+    from jaxchat import chat
+    from jaxchat.tokenizer import load_for_config, tokenizer_name
+
+    monkeypatch.setenv("JAXCHAT_HOME", str(tmp_path))
+    c, _ = C.parse_args(["--config=configs/d20.py", "--config.run=exp2", "--config.depth", "12"])
+    with pytest.raises(FileNotFoundError) as e:
+        load_for_config(c)
+    cmd = re.search(r"`([^`]*)`", str(e.value)).group(1)
+    assert cmd == "python train.py --config=configs/d20.py --config.run=exp2 --config.depth=12 --stage=tokenizer"
+    again, rest = C.parse_args(shlex.split(cmd)[2:])  # the command rebuilds this very config
+    assert rest == ["--stage=tokenizer"] and (again.run, again.depth, tokenizer_name(again)) == ("exp2", 12, "d20")
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            "`python train.py --config=configs/d20.py --config.run=exp2 --config.depth=12 --stage=sft`")):
+        chat.load_params(c, "sft", None)
+    # and no message anywhere builds a config file's name out of the run's (configs/exp2.py does not exist)
+    sources = [p for p in pathlib.Path("jaxchat").rglob("*.py")] + [pathlib.Path("train.py"), pathlib.Path("serve.py")]
+    assert not [str(p) for p in sources if re.search(r"configs/\{[^}]*run[^}]*\}", p.read_text())]
+
+
+def test_packing_and_allow_repeat_per_config():
+    for name in ("d20", "d26", "d32"):  # October's stream packing, and no silent repeats
+        cfg = load(name)
+        assert (cfg.packing, cfg.allow_repeat) == ("stream", False)
+    tiny = load("tiny")
+    assert (tiny.packing, tiny.allow_repeat) == ("bestfit", True)
+    assert load("d20", allow_repeat=True).allow_repeat is True
+
+
+def test_cli_prints_packing_sft_layout_grad_clip_and_the_shards_the_horizon_needs(capsys):
+    assert C.main(["--config=configs/d20.py"]) == 0
+    out = capsys.readouterr().out
+    cfg = load("d20")
+    assert re.search(r"^packing +stream \(the October loader", out, re.M)
+    assert re.search(rf"^SFT layout +{cfg.sft.layout} ", out, re.M)
+    assert re.search(rf"^gradient clipping +{cfg.get('grad_clip', 0.0)} ", out, re.M)
+    # 21,400 steps x 524,288 tokens x 4.8 chars/token / 250M chars per shard = 215.4 shards, + 10% spare = 237: the
+    # reference's own arithmetic (216, downloaded as 240).
+    assert "11,219,763,200 tokens = 215.4 fineweb-edu shards of 250.0M chars at 4.8 chars/token, 0% crop" in out
+    assert re.search(r"^  shards needed +237 \(with 10% spare\): python -m jaxchat.data.download -n 237$", out, re.M)
+    assert C.main(["--config=configs/d20.py", "--shards-needed"]) == 0
+    assert capsys.readouterr().out == "237\n"
+    # best-fit crops ~35% at T=2048: 215.4 / 0.65 = 331.4 shards, 365 with the spare
+    assert C.main(["--config=configs/d20.py", "--config.packing=bestfit", "--shards-needed"]) == 0
+    assert capsys.readouterr().out == "365\n"
+    assert C.main(["--config=configs/d20.py", "--config.packing=bestfit"]) == 0
+    assert "331.4 fineweb-edu shards of 250.0M chars at 4.8 chars/token, 35% crop (at T=2,048)" in capsys.readouterr().out
+
+
+def test_shards_needed_is_an_error_where_the_dataset_figures_are_unknown(capsys):
+    assert C.main(["--config=configs/d20.py", "--config.dataset=climbmix", "--shards-needed"]) == 2
+    assert "unknown at config time" in capsys.readouterr().err
+    assert C.main(["--config=configs/d20.py", "--config.dataset=climbmix"]) == 0
+    assert "base training measures them at start-up" in capsys.readouterr().out

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from http_server import FileServer
 
+from jaxchat.data.fetch import DamagedFileError
 from jaxchat.evaluate import core
 
 # -- a tiny bundle in the real format --------------------------------------------------------------
@@ -205,6 +206,42 @@ def test_score_example_left_crop():
     assert oracle.shapes == [(1, 10)]
 
 
+def test_prompts_longer_than_the_sequence_length_are_scored_whole_by_default():
+    """The reference crops CORE prompts only for models that declare a max_seq_len (HF GPT-2); its own are scored
+    whole (§6.2). Ours too: eval.core_crop = 0, and the model's rotary comes from positions, so any T runs."""
+    from jaxchat import model
+    from jaxchat.config import apply_overrides, load_config_file
+
+    d20 = load_config_file("configs/d20.py")
+    assert d20.eval.core_crop == 0 and core.crop_length(d20) is None  # what `python -m jaxchat.evaluate` passes on
+    assert core.crop_length(apply_overrides(d20, {"eval.core_crop": "1024"})) == 1024
+    tok, T = CharTok(), 16
+    task = {"task_type": "language_modeling", "continuation_delimiter": " ", "num_fewshot": 0}
+    item = {"context": "Once upon a time, far away, the capital of France was", "continuation": "Paris"}
+    whole = core.prepare_example(tok, item, task)
+    assert len(whole.rows[0]) > 3 * T
+    # An oracle that knows the continuation only from the prompt's very first tokens: scored whole, it is right ...
+    oracle = Oracle([whole.rows[0]])
+    assert core.evaluate_task(core.stats_from_logits(oracle), tok, [item], task, row_tokens=T) == (1, 1)
+    assert oracle.shapes == [(1, 64)]
+    # ... cropped to T from the left (eval.core_crop = T, the reference's treatment of GPT-2) it cannot be
+    assert core.prepare_example(tok, item, task, max_seq_len=T).rows[0] == whole.rows[0][-T:]
+    cropped = core.stats_from_logits(Oracle([whole.rows[0]]))
+    assert core.evaluate_task(cropped, tok, [item], task, max_seq_len=T) == (0, 1)
+    # The real model runs a row 4x its sequence_len, on the devices, as the host computes from full logits; long rows
+    # go fewer per batch (B * T_row <= batch_rows * sequence_len).
+    cfg = model.GPTConfig(vocab_size=260, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, sequence_len=T,
+                          compute_dtype="float32")
+    graphdef, params = model.init(cfg, seed=0)
+    on_device, shapes = core.model_stats_fn(graphdef, params), []
+    rows = [whole.rows[0], whole.rows[0][:20], whole.rows[0][:10], whole.rows[0][:12]]
+    nll, _ = core.run_rows(lambda x: shapes.append(x.shape) or on_device(x), rows, tok.bos_id, batch_rows=2,
+                           row_tokens=T)
+    assert shapes == [(2, 16), (1, 32), (1, 64)]
+    full = core.stats_from_logits(core.model_logits_fn(graphdef, params))(np.array(whole.rows, np.int32))
+    np.testing.assert_allclose(nll[0], full[0][0], rtol=1e-5, atol=1e-5)
+
+
 def test_fewshot_sampling_is_deterministic_and_excludes_self():
     data = [{"i": i} for i in range(6)]
     for idx in range(6):
@@ -314,8 +351,34 @@ def test_unpacked_bundle_is_checked_against_its_digest(bundle, tmp_path):
     core.verify_bundle(copy)  # intact
     data = copy / "eval_data" / "language_understanding" / "tiny_lm.jsonl"
     data.write_text(data.read_text()[:-10])
-    with pytest.raises(ValueError, match=r"changed: \['eval_data/language_understanding/tiny_lm.jsonl'\]"):
+    with pytest.raises(DamagedFileError, match=r"changed: \['eval_data/language_understanding/tiny_lm.jsonl'\]") as e:
         core.evaluate_core(core.stats_from_logits(Oracle([])), CharTok(), copy, log=None)
+    assert str(data) in str(e.value) and "`python -m jaxchat.evaluate.core`" in str(e.value)
     (copy / "core.yaml").unlink()
-    with pytest.raises(ValueError, match=r"missing: \['core.yaml'\]"):
+    with pytest.raises(DamagedFileError, match=r"missing: \['core.yaml'\]"):
         core.verify_bundle(copy)
+
+
+def test_a_damaged_bundle_without_digest_is_named_when_parsed_and_a_rerun_replaces_a_damaged_one(bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    (copy / core.TREE_DIGEST).unlink()  # placed by hand: checked as it is parsed
+    data = copy / "eval_data" / "language_understanding" / "tiny_lm.jsonl"
+    data.write_text(data.read_text()[:-10])  # a truncated last line
+    with pytest.raises(DamagedFileError, match="does not parse") as e:
+        core.evaluate_core(core.stats_from_logits(Oracle([])), CharTok(), copy, log=None)
+    assert str(data) in str(e.value) and core.FETCH_COMMAND in str(e.value)
+    (copy / "core.yaml").write_text("icl_tasks: [")
+    with pytest.raises(DamagedFileError, match="core.yaml is damaged"):
+        core.load_bundle(copy)
+    # the downloader checks the copy it has and replaces a damaged one
+    shutil.rmtree(copy)
+    shutil.copytree(bundle, copy)
+    (copy / "eval_meta_data.csv").write_text("truncated")
+    with FileServer({"eval_bundle.zip": _bundle_zip()}) as srv:
+        assert core.download_bundle(srv.url("eval_bundle.zip"), dest=copy, retries=0) == copy
+        assert len(srv.requests()) == 1
+    core.verify_bundle(copy)
+    assert (copy / "eval_meta_data.csv").read_text() == META_CSV

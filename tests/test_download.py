@@ -210,6 +210,59 @@ def test_rerun_skips_shards_already_present(home, shards):
     assert len(srv.requests()) == before
 
 
+def test_rerun_replaces_a_damaged_shard_it_already_has(home, shards, capsys):
+    srv, files = shards
+    download.download_shards("fineweb-edu", 2, srv.base_url, **FAST)
+    damaged = paths.data_dir("fineweb-edu") / shard_name(1)
+    damaged.write_bytes(files[shard_name(1)][:-100])  # truncated: the parquet footer is gone
+    before = len(srv.requests())
+    download.download_shards("fineweb-edu", 2, srv.base_url, **FAST)
+    assert [r.path for r in srv.requests()[before:]] == ["/" + shard_name(1)]  # only the damaged one
+    assert damaged.read_bytes() == files[shard_name(1)]
+    assert f"{damaged} is damaged" in capsys.readouterr().err
+
+
+def _truncated_home(home):
+    """fineweb-edu shards 0 (truncated) and the validation shard, as a cut-short download or copy leaves them."""
+    d = paths.data_dir("fineweb-edu")
+    d.mkdir(parents=True)
+    (d / shard_name(0)).write_bytes(parquet_bytes(0)[:-100])
+    (d / shard_name(VAL)).write_bytes(parquet_bytes(VAL))
+    return d / shard_name(0)
+
+
+def test_a_truncated_shard_is_a_clear_error_naming_it_and_the_command(home):
+    from jaxchat.data.fetch import DamagedFileError
+    from jaxchat.data.pretrain import row_group_refs
+    from jaxchat.data.shards import list_shards, read_row_group
+
+    bad = _truncated_home(home)
+    train, val = list_shards("fineweb-edu")
+    for read in (lambda: row_group_refs(train), lambda: read_row_group(bad, 0)):  # start-up, and any later read
+        with pytest.raises(DamagedFileError) as e:
+            read()
+        msg = str(e.value)
+        assert str(bad) in msg and "Parquet magic bytes not found" in msg
+        assert "`python -m jaxchat.data.download -n 1 --dataset fineweb-edu`" in msg  # puts shard 0 back
+    assert row_group_refs([val])  # the intact one reads
+
+
+def test_train_py_stops_on_a_truncated_shard_with_the_clear_error(home):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bad = _truncated_home(home)
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "train.py", "--config=configs/tiny.py", "--config.dataset=fineweb-edu",
+                           "--config.run=damaged", "--stage=tokenizer"], cwd=repo, capture_output=True, text=True,
+                          env=dict(os.environ, JAXCHAT_HOME=str(home)), timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: {bad} is damaged" in proc.stderr
+    assert "python -m jaxchat.data.download -n 1 --dataset fineweb-edu" in proc.stderr
+
+
 def test_tiny_dataset_is_refused_with_the_generator_named(home):
     with pytest.raises(ValueError, match="tiny_corpus"):
         download.download_shards("tiny", 1)

@@ -10,6 +10,7 @@ import pytest
 from http_server import FileServer
 
 from jaxchat.data import hub
+from jaxchat.data.fetch import DamagedFileError
 
 REPO, SUBSET, SPLIT = "org/toy-task", "default", "train"
 LISTING = f"/api/datasets/{REPO}/parquet/{SUBSET}/{SPLIT}"
@@ -126,6 +127,28 @@ def test_manifest_naming_a_missing_file_counts_as_incomplete(hub_server):
     assert hub.load_hub_dataset(REPO, SUBSET, SPLIT, **FAST).num_rows == 50
 
 
+def test_a_damaged_cached_file_is_a_clear_error_and_the_fetch_command_replaces_just_it(hub_server, monkeypatch):
+    serve_split(hub_server)
+    hub.load_hub_dataset(REPO, SUBSET, SPLIT, **FAST)
+    d = hub.dataset_dir(REPO, SUBSET, SPLIT)
+    intact = (d / "00000.parquet").read_bytes()
+    (d / "00001.parquet").write_bytes((d / "00001.parquet").read_bytes()[:-40])  # truncated: the footer is gone
+    monkeypatch.setenv("JAXCHAT_OFFLINE", "1")  # loading never re-fetches behind the user's back
+    with pytest.raises(DamagedFileError) as e:
+        hub.load_hub_dataset(REPO, SUBSET, SPLIT)
+    msg = str(e.value)
+    assert str(d / "00001.parquet") in msg and "truncated" in msg
+    assert f"`python -m jaxchat.data.hub fetch {REPO} {SUBSET} {SPLIT}`" in msg
+    before = len(hub_server.requests())
+    assert hub.main(["fetch", REPO, SUBSET, SPLIT, "--backoff", "0.001"]) == 0
+    assert [r.path for r in hub_server.requests()[before:]] == [f"{LISTING}/1.parquet"]  # only the damaged file
+    assert (d / "00000.parquet").read_bytes() == intact
+    assert hub.load_hub_dataset(REPO, SUBSET, SPLIT).num_rows == 50
+    (d / "00000.parquet").write_bytes(b"PAR1" + b"x" * (len(intact) - 4))  # right size, garbage: footer unreadable
+    with pytest.raises(DamagedFileError, match="not a readable parquet file"):
+        hub.load_hub_dataset(REPO, SUBSET, SPLIT)
+
+
 def test_corrupt_and_failing_downloads_are_retried(hub_server):
     serve_split(hub_server)
     hub_server.fail(LISTING, times=1)
@@ -150,11 +173,17 @@ def test_cli_fetch_and_fetch_all(hub_server, monkeypatch, capsys):
         hub.HubSplit("org/other", "main", "test", "toy"),
         hub.HubSplit("org/missing", "main", "test", "toy"),
     ))
+    words = "\r\n".join(a + b + c for a in "abcdefghijklmnopqrstuvwxyz" for b in "abcdefghijklmnopqrstuvwxyz"
+                          for c in "abcdefghijklmnopqrstuvwxyz").encode()
+    hub_server.add("/words_alpha.txt", words)
+    monkeypatch.setenv("JAXCHAT_WORDS_URL", hub_server.url("/words_alpha.txt"))
     assert hub.main(["fetch-all", "--backoff", "0.001", "--retries", "0"]) == 1
     out, err = capsys.readouterr()
     assert "7 rows" in out and "org/missing main test" in err
+    assert "17,576 words words_alpha.txt" in out  # the spelling tasks' word list comes with the task datasets
     assert hub.main(["list"]) == 0
-    assert "not cached  org/missing" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "not cached  org/missing" in out and "cached  words_alpha.txt" in out
 
 
 def test_task_table_uses_the_reference_names():

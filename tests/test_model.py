@@ -120,3 +120,33 @@ def test_bf16_compute_keeps_fp32_master_weights():
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     logits = model.forward(graph, randomize(params), tokens((1, 8)))
     assert logits.dtype == jnp.float32
+
+
+def test_bf16_embedding_gradient_is_accumulated_in_fp32():
+    """A frequent token's embedding gradient sums the cotangents of thousands of positions; with a bf16 table that
+    scatter-add runs in bf16 and loses percents. embed gathers fp32 rows first, so only the per-position cotangents
+    are bf16 (as every activation is) and their sum is fp32."""
+    cfg = tiny(vocab_size=256, compute_dtype="bfloat16")
+    rng = np.random.default_rng(0)
+    zipf = 1.0 / np.arange(1, 257) ** 1.1
+    idx = jnp.asarray(rng.choice(256, size=(8, 512), p=zipf / zipf.sum()), jnp.int32)  # the top token ~900 times
+    wte = jnp.asarray(rng.normal(size=(256, cfg.n_embd)), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(8, 512, cfg.n_embd)), jnp.float32)
+
+    def wte_grad(embed_fn):
+        return np.asarray(jax.grad(lambda w: jnp.sum(embed_fn(cfg, w, idx).astype(jnp.float32) * cotangent))(wte))
+
+    # Isolate the scatter: the per-position cotangents that reach the gathered rows through the bf16 cast and the
+    # norm, summed per token in float64. Any error beyond that is the accumulation's.
+    _, vjp = jax.vjp(lambda rows: model.rms_norm(rows.astype(jnp.bfloat16)).astype(jnp.float32), wte[idx])
+    exact = np.zeros(wte.shape)
+    np.add.at(exact, np.asarray(idx), np.asarray(vjp(cotangent)[0], np.float64))
+    rel = lambda g: np.linalg.norm(g - exact) / np.linalg.norm(exact)
+
+    def cast_then_gather(cfg, w, idx_BxT):  # the former embed: the whole table to bf16, then the rows
+        return model.rms_norm(w.astype(jnp.dtype(cfg.compute_dtype))[idx_BxT])
+
+    assert rel(wte_grad(model.embed)) < 1e-3  # measured 1.3e-8: fp32 summation order
+    assert rel(wte_grad(cast_then_gather)) > 1e-3  # measured 1.7e-2: the bf16 scatter-add
+    # the forward is the same either way: casting before or after the gather rounds the same values
+    np.testing.assert_array_equal(model.embed(cfg, wte, idx), cast_then_gather(cfg, wte, idx))

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxchat import config as C
@@ -71,3 +72,62 @@ def test_schedule_gives_the_traced_hyperparameters():
     c = tiny_config(muon_momentum_warmup=10)
     h = optim.schedule(c, C.derive(c), 5)
     assert h == {"lrm": 1.0, "momentum": pytest.approx(0.90)}
+
+
+def _scaled_to_norm(tree, norm):
+    return jax.tree.map(lambda g: g * (norm / optax.tree.norm(tree)), tree)
+
+
+def _two_steps(c, grads_1, grads_2):
+    """Two optimizer updates (Adam's second step and Muon's momentum both mix the two gradients, so a rescaled second
+    gradient changes the result; one step alone is nearly scale-invariant)."""
+    d = C.derive(c)
+    _, params = model.init(model.GPTConfig.from_config(c))
+    tx = optim.make_optimizer(c, d)
+    state = tx.init(params)
+    _, state = tx.update(grads_1, state, params, momentum=0.9)
+    updates, _ = tx.update(grads_2, state, params, momentum=0.9)
+    return updates
+
+
+def test_grad_clip_scales_a_gradient_of_global_norm_5_to_norm_1_before_the_groups():
+    c = tiny_config()
+    _, params = model.init(model.GPTConfig.from_config(c))
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(3), 2 * len(leaves))
+    g1 = _scaled_to_norm(treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys[::2], leaves)]), 0.5)
+    g2 = _scaled_to_norm(treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys[1::2], leaves)]), 5.0)
+    assert float(optax.tree.norm(g2)) == pytest.approx(5.0, rel=1e-6)
+    g2_at_1 = jax.tree.map(lambda g: g / 5.0, g2)
+    assert float(optax.tree.norm(g2_at_1)) == pytest.approx(1.0, rel=1e-6)
+
+    ns32 = dict(muon_ns_dtype="float32")  # bf16 Newton-Schulz would amplify 1-ulp input differences
+    clipped = _two_steps(tiny_config(grad_clip=1.0, **ns32), g1, g2)
+    # the chain with clipping == the optimizer without clipping fed the norm-1 gradient (g1, norm 0.5, passes as is)
+    by_hand = _two_steps(tiny_config(grad_clip=0.0, **ns32), g1, g2_at_1)
+    unclipped = _two_steps(tiny_config(grad_clip=0.0, **ns32), g1, g2)
+    for a, b in zip(jax.tree.leaves(clipped), jax.tree.leaves(by_hand)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # fp32 noise: ~1e-8 on updates ~1e-3
+    # and clipping genuinely changed the step: without it, Adam's and Muon's second steps differ
+    diff = {k: float(jnp.max(jnp.abs(clipped[k]["kernel"] - unclipped[k]["kernel"]))) if k == "lm_head"
+            else float(jnp.max(jnp.abs(clipped[k] - unclipped[k]))) for k in ("wte", "lm_head")}
+    assert min(diff.values()) > 1e-4, diff
+    muon_diff = jnp.abs(clipped["blocks"][0]["mlp"]["c_fc"]["kernel"] - unclipped["blocks"][0]["mlp"]["c_fc"]["kernel"])
+    assert float(jnp.max(muon_diff)) > 1e-4
+
+
+def test_grad_clip_is_on_by_default_in_base_training_and_off_in_the_chat_stages():
+    c = C.default_config()
+    assert c.grad_clip == 1.0  # base_train.py, October 2025
+    # mid_train.py, chat_sft.py and chat_rl.py (V0 and V0-late) never clip
+    assert [C.stage_config(c, s).grad_clip for s in C.CHAT_STAGES] == [0.0, 0.0, 0.0]
+
+
+def test_grad_clip_off_leaves_the_optimizer_state_structure_unchanged():
+    c_on, c_off = tiny_config(grad_clip=1.0), tiny_config(grad_clip=0.0)
+    _, params = model.abstract_params(model.GPTConfig.from_config(c_on))
+    s_on = jax.eval_shape(optim.make_optimizer(c_on, C.derive(c_on)).init, params)
+    s_off = jax.eval_shape(optim.make_optimizer(c_off, C.derive(c_off)).init, params)
+    assert jax.tree.structure(s_on) == jax.tree.structure(s_off)  # resuming with the other setting still loads
+    with pytest.raises(ValueError, match="grad_clip must be >= 0"):
+        optim.make_optimizer(tiny_config(grad_clip=-1.0), C.derive(c_on))

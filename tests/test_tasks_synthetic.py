@@ -267,37 +267,44 @@ def test_a_present_file_that_is_not_a_word_list_is_an_error(home):
         words.load_words()
 
 
-def _check_fallback(got):
-    assert got == list(words.fallback_words()) and len(got) > 300
-    assert got == sorted(set(got)) and all(re.fullmatch(r"[a-z]{3,}", w) for w in got)
-    assert {"cat", "paris", "january"} <= set(got)  # words the tiny corpus is made of
+def _check_unavailable(e, home):
+    msg = str(e.value)
+    assert str(home / "words_alpha.txt") in msg and "`python -m jaxchat.tasks.words`" in msg
 
 
-def test_offline_uses_the_tiny_corpus_words_and_names_the_file_to_place(home, monkeypatch):
+def test_offline_without_the_list_is_an_error_naming_the_command(home, monkeypatch):
     monkeypatch.setenv("JAXCHAT_OFFLINE", "1")
     with FileServer({"words_alpha.txt": SERVED_BYTES}) as srv:
-        with pytest.warns(RuntimeWarning, match="offline") as record:
-            got = words.load_words(srv.url("words_alpha.txt"), **FAST)
+        with pytest.raises(words.WordListUnavailable, match="offline") as e:
+            words.load_words(srv.url("words_alpha.txt"), **FAST)
         assert srv.requests() == []
-    assert str(home / "words_alpha.txt") in str(record[0].message)
-    _check_fallback(got)
+    _check_unavailable(e, home)
 
 
-def test_a_failed_download_falls_back_with_a_warning(home):
+def test_a_failed_download_is_an_error_not_a_fallback(home):
     with FileServer({}) as srv:  # 404: a wrong URL is not retried
-        with pytest.warns(RuntimeWarning, match="could not download the word list.*HTTP 404"):
-            got = words.load_words(srv.url("words_alpha.txt"), **FAST)
-    _check_fallback(got)
+        with pytest.raises(words.WordListUnavailable, match="HTTP 404") as e:
+            words.load_words(srv.url("words_alpha.txt"), **FAST)
+    _check_unavailable(e, home)
     assert not (home / "words_alpha.txt").exists()
 
 
 def test_a_download_that_is_not_a_word_list_is_rejected(home):
     page = b"<html><body>rate limited</body></html>\n" * 20_000
     with FileServer({"words_alpha.txt": page}) as srv:
-        with pytest.warns(RuntimeWarning, match="failed verification"):
-            got = words.load_words(srv.url("words_alpha.txt"), retries=1, backoff=0.0, timeout=5)
-    _check_fallback(got)
+        with pytest.raises(words.WordListUnavailable, match="failed verification"):
+            words.load_words(srv.url("words_alpha.txt"), retries=1, backoff=0.0, timeout=5)
     assert not (home / "words_alpha.txt").exists()
+
+
+def test_fetch_command_downloads_the_list_and_replaces_a_truncated_copy(home, monkeypatch):
+    with FileServer({"words_alpha.txt": SERVED_BYTES}) as srv:
+        monkeypatch.setenv("JAXCHAT_WORDS_URL", srv.url("words_alpha.txt"))
+        assert words.main([]) == 0
+        (home / "words_alpha.txt").write_bytes(SERVED_BYTES[:1000])  # damaged: far too few words
+        assert words.main([]) == 0
+        assert len(srv.requests("words_alpha.txt")) == 2
+    assert (home / "words_alpha.txt").read_bytes() == SERVED_BYTES
 
 
 def test_a_truncated_word_list_is_rejected():
@@ -305,13 +312,29 @@ def test_a_truncated_word_list_is_rejected():
         words.parse_words("a\nb\nc\n", "x", min_words=words.MIN_DOWNLOADED_WORDS)
 
 
-def test_tasks_load_the_word_list_when_not_given_one(home, monkeypatch):
+def test_tasks_refuse_to_build_without_the_real_list_unless_given_words(home, monkeypatch):
     monkeypatch.setenv("JAXCHAT_OFFLINE", "1")
-    with pytest.warns(RuntimeWarning):
-        bee = SpellingBee(10)
+    for task in (SpellingBee, SimpleSpelling):  # the reference mixtures' and the SpellingBee eval's path
+        with pytest.raises(words.WordListUnavailable, match="python -m jaxchat.tasks.words"):
+            task(10)
+    # the tiny recipe names its words (mixture "tiny", TinySpellingBee), so it builds offline
+    bee = SpellingBee(10, words=words.fallback_words())
     assert bee.words == [w for w in words.fallback_words() if calculator_can_count(w)]
     (home / "words_alpha.txt").write_text("\n".join(SERVED))
-    assert sorted(SimpleSpelling(10).words) == SERVED  # the file now present wins, no warning
+    assert sorted(SimpleSpelling(10).words) == SERVED
+
+
+def test_the_tiny_config_builds_its_spelling_tasks_offline(home, monkeypatch):
+    from jaxchat.config import load_config_file
+    from jaxchat.tasks import eval_task
+    from jaxchat.tasks.mixtures import mixture
+
+    monkeypatch.setenv("JAXCHAT_OFFLINE", "1")
+    c = load_config_file("configs/tiny.py")
+    for stage in ("mid", "sft"):
+        assert len(mixture(stage, c[stage].mixture, "train")) > 0
+    assert all(len(eval_task(t)) > 0 for t in c.eval.chat_tasks.split(","))
+    assert not (home / "words_alpha.txt").exists()
 
 
 # ---- Identity -----------------------------------------------------------------------------------------

@@ -136,7 +136,9 @@ def test_save_then_load_gives_identical_ids(tok, tmp_path, monkeypatch):
 def test_load_missing_names_the_command(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXCHAT_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"python train.py --config=configs/d20.py --stage=tokenizer"):
-        Tokenizer.load(paths.tokenizer_dir("d20"))
+        Tokenizer.load(paths.tokenizer_dir("d20"))  # d20's default tokenizer: configs/d20.py trains it
+    with pytest.raises(FileNotFoundError, match=r"--config=<your config> --config.tokenizer=exp2 --stage=tokenizer"):
+        Tokenizer.load(paths.tokenizer_dir("exp2"))  # configs/exp2.py does not exist: never name it
 
 
 # ---- token_bytes --------------------------------------------------------------------------------
@@ -238,6 +240,27 @@ def test_system_message_is_merged_into_first_user_turn(tok):
     assert with_system["messages"][0]["role"] == "system", "rendering must not mutate the input"
 
 
+def test_empty_content_renders_as_the_reference_renders_it(tok):
+    """nanochat's render_conversation encodes "" to no tokens and emits the turn's markers (§5.2); it never refuses."""
+    sid = tok.special_id
+    conv = {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": ""},
+                         {"role": "assistant", "content": ""}, {"role": "user", "content": "Q"},
+                         {"role": "assistant", "content": []}]}
+    ids, mask = tok.render_conversation(conv)
+    assert ids == [tok.bos_id, sid("<|user_start|>"), *tok.encode("\n\n"), sid("<|user_end|>"),
+                   sid("<|assistant_start|>"), sid("<|assistant_end|>"),
+                   sid("<|user_start|>"), *tok.encode("Q"), sid("<|user_end|>"),
+                   sid("<|assistant_start|>"), sid("<|assistant_end|>")]
+    assert spans(tok, ids, mask) == [
+        ("<|bos|><|user_start|>\n\n<|user_end|><|assistant_start|>", 0),
+        ("<|assistant_end|>", 1),
+        ("<|user_start|>Q<|user_end|><|assistant_start|>", 0),
+        ("<|assistant_end|>", 1),
+    ]
+    assert tok.render_for_completion({"messages": conv["messages"][1:2]}) == [
+        tok.bos_id, sid("<|user_start|>"), sid("<|user_end|>"), sid("<|assistant_start|>")]
+
+
 def test_truncation_to_max_tokens(tok):
     conv = {"messages": [{"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "answer " * 50}]}
     full_ids, full_mask = tok.render_conversation(conv)
@@ -264,10 +287,9 @@ def test_render_for_completion_drops_the_answer_and_primes_the_assistant(tok):
     ({"messages": [{"role": "assistant", "content": "A"}]}, "expected 'user'"),
     ({"messages": [{"role": "user", "content": "Q"}, {"role": "user", "content": "Q"}]}, "roles must alternate"),
     ({"messages": [{"role": "user", "content": "Q"}, {"role": "system", "content": "S"}]}, "system message may only come first"),
-    ({"messages": [{"role": "user", "content": ""}]}, "empty content"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Q"}]}]}, "user content must be a string"),
     ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": [{"type": "image", "text": "x"}]}]}, "part 0"),
-    ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": []}]}, "non-empty list of parts"),
+    ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": 3}]}, "a string or a list of parts"),
     ({"messages": [{"role": "user"}]}, 'must be a dict with "role" and "content"'),
     ({"messages": [{"role": "system", "content": "S"}, {"role": "assistant", "content": "A"}]}, "followed by a user message"),
 ])

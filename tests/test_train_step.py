@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxchat import config as C
@@ -130,3 +131,16 @@ def test_mesh_must_cover_the_devices():
         sharding.make_mesh(1, 3, devices=jax.devices()[:4])
     with pytest.raises(ValueError, match="does not divide"):
         sharding.make_mesh(3, 0, devices=jax.devices()[:4])
+
+
+def test_logged_grad_norm_is_measured_before_clipping():
+    c = tiny_config(grad_clip=0.5)
+    mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+    d, params, opt_state, step = setup(c, mesh)
+    batch = next(batches(1, (1, 8, c.sequence_len)))
+    graphdef, _ = model.abstract_params(model.GPTConfig.from_config(c))
+    grads = jax.grad(model.loss_fn)(params, graphdef, batch["inputs"][0], batch["targets"][0])
+    raw_norm = float(optax.tree.norm(grads))
+    assert raw_norm > 0.5  # so the step clips
+    _, _, metrics = step(params, opt_state, batch, optim.schedule(c, d, 0))
+    assert float(metrics["grad_norm"]) == pytest.approx(raw_norm, rel=1e-5)

@@ -4,14 +4,18 @@ A grain chain:
 
     MapDataset.source((task, index) pairs).shuffle(seed).repeat(epochs)   reshuffled every epoch
       [process_index::process_count]                                      each process a disjoint stride
-      .map(render)                                                        render_conversation(conv, T+1)
+      .map(render)                                                        render_conversation(conv, cap)
     ChatBatches (an IterDataset)                                          rows of T+1, stacked B at a time
 
 A task is any sequence of conversation dicts (`__len__`, `__getitem__`). Listing a task twice
 oversamples it by repetition; within an epoch every listed (task, index) pair appears exactly once.
 
 Rows, two modes:
-  * "padded": one conversation per row, padded with BOS (the V0 SFT layout, static shapes);
+  * "padded": one conversation per row (the V0 SFT layout, §7.2): rendered with the reference's cap of
+    T tokens (2048 at d20), padded with `<|assistant_end|>` as the input pad, targets -1 on padding.
+    The reference pads to the batch's longest row; we pad to T so the step compiles once. The loss is
+    the same: attention is causal, so padding after a row's last token never reaches its real
+    positions, and padding is never a target.
   * "packed": best-fit packing of whole conversations from a buffer of `buffer_size` (the HEAD SFT
     loader, §7.3): repeatedly take the largest that fits; when none fits, pad the rest with BOS.
     A conversation is never cropped except by render's `max_tokens` = T+1 cap.
@@ -97,18 +101,29 @@ class ChatBatches(grain.IterDataset):
         return f"ChatBatches(B={self.batch_size}, T={self.seq_len}, mode={self.mode})"
 
 
+def render_cap(mode: str, seq_len: int) -> int:
+    """Tokens a conversation keeps when rendered: the reference's V0 SFT renders with its default cap of 2048 = T
+    (so a row has at most T-1 inputs), HEAD's packer fills rows of T+1."""
+    return seq_len if mode == "padded" else seq_len + 1
+
+
+def pad_id(tokenizer, mode: str) -> int:
+    """The input token of padding: V0 SFT pads with <|assistant_end|>, the packer with BOS."""
+    return tokenizer.special_id("<|assistant_end|>") if mode == "padded" else tokenizer.bos_id
+
+
 class ChatIterator(grain.DatasetIterator):
     def __init__(self, ds: ChatBatches):
         super().__init__()
         self._ds = ds
-        self._bos = ds.tokenizer.bos_id
+        self._pad = pad_id(ds.tokenizer, ds.mode)
         self._next = 0  # stream index of the next conversation to fetch
         self._buffer: list[tuple[int, list[int], list[int]]] = []  # (stream index, ids, mask), fetch order
         self._consumed = self._batches = 0
 
     def _load(self, i: int) -> tuple[int, list[int], list[int]]:
         ids, mask = self._ds.rendered[i]
-        capacity = self._ds.seq_len + 1  # render already caps at T+1; this guards a task that does not
+        capacity = render_cap(self._ds.mode, self._ds.seq_len)  # render already caps; this guards a task that does not
         return i, list(ids[:capacity]), list(mask[:capacity])
 
     def _fetch(self) -> bool:
@@ -131,9 +146,9 @@ class ChatIterator(grain.DatasetIterator):
                 best = i
         return self._buffer.pop(best)[1:] if best >= 0 else None
 
-    def _next_row(self) -> tuple[np.ndarray, np.ndarray] | None:
+    def _next_row(self) -> tuple[np.ndarray, np.ndarray, int] | None:
         capacity = self._ds.seq_len + 1
-        ids_T1 = np.full(capacity, self._bos, np.int32)
+        ids_T1 = np.full(capacity, self._pad, np.int32)
         mask_T1 = np.zeros(capacity, np.int32)
         pos = 0
         while pos < capacity:
@@ -148,25 +163,30 @@ class ChatIterator(grain.DatasetIterator):
             self._consumed += 1
             if self._ds.mode == "padded":
                 break
-        return (ids_T1, mask_T1) if pos else None
+        return (ids_T1, mask_T1, pos) if pos else None
 
     def __next__(self) -> dict[str, np.ndarray]:
         self._assert_not_closed()
         B, capacity = self._ds.batch_size, self._ds.seq_len + 1
-        ids_BxT1 = np.full((B, capacity), self._bos, np.int32)
+        ids_BxT1 = np.full((B, capacity), self._pad, np.int32)
         mask_BxT1 = np.zeros((B, capacity), np.int32)
+        lengths = []
         n = 0
         while n < B:
             row = self._next_row()
             if row is None:
                 break
-            ids_BxT1[n], mask_BxT1[n] = row
+            ids_BxT1[n], mask_BxT1[n], length = row
+            lengths.append(length)
             n += 1
         if n == 0:
             raise StopIteration
         self._batches += 1
         targets_BxT = np.where(mask_BxT1[:, 1:] == 1, ids_BxT1[:, 1:], -1).astype(np.int32)
-        return {"inputs": np.ascontiguousarray(ids_BxT1[:, :-1]), "targets": targets_BxT}
+        inputs_BxT = ids_BxT1[:, :-1].copy()
+        if self._ds.mode == "padded":  # the reference's inputs are ids[:-1]: a row's last token is only a target
+            inputs_BxT[np.arange(n), np.array(lengths) - 1] = self._pad
+        return {"inputs": inputs_BxT, "targets": targets_BxT}
 
     @property
     def progress(self) -> float:
@@ -202,6 +222,6 @@ def chat_dataset(tasks: Sequence[Sequence[dict]], tokenizer, batch_size: int, se
                  buffer_size: int = 100, supervise: str = "assistant") -> ChatBatches:
     """Batches of a task mixture; endless unless `num_epochs` is set (use 1 for validation)."""
     convs = mixture(tasks, seed, num_epochs, process_index, process_count)
-    rendered = convs.map(_Render(tokenizer, seq_len + 1))
+    rendered = convs.map(_Render(tokenizer, render_cap(mode, seq_len)))
     per_process = sum(len(t) for t in tasks) / process_count
     return ChatBatches(rendered, tokenizer, batch_size, seq_len, mode, buffer_size, per_process, supervise)

@@ -7,7 +7,8 @@
 The pinned validation shard (the dataset's last) is always fetched in addition to the N train
 shards, so `-n 8` already gives a trainable, evaluable setup. Each file is checked to be a readable
 parquet with a `text` column before it takes its final name; a corrupt download is fetched again,
-never kept. Files already present and valid are skipped, so re-running resumes.
+never kept. Files already present are checked the same way (footer and column, no data read): intact
+ones are skipped, so re-running resumes, and damaged ones (truncated, corrupt) are fetched again.
 """
 import argparse
 import concurrent.futures as cf
@@ -17,11 +18,10 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from jaxchat import paths
 from jaxchat.data.datasets import DATASETS, ShardDataset, get_dataset, shard_name
-from jaxchat.data.fetch import FetchError, fetch
+from jaxchat.data.fetch import DamagedFileError, FetchError, fetch
+from jaxchat.data.shards import open_shard
 
 
 class DownloadError(RuntimeError):
@@ -52,9 +52,10 @@ def shard_url(base_url: str, index: int) -> str:
 
 def verify_shard(path: Path) -> None:
     """Raise unless `path` is a readable parquet file with a `text` column (reads metadata only)."""
-    names = pq.ParquetFile(path).schema_arrow.names
-    if "text" not in names:
-        raise ValueError(f"{path.name} has no 'text' column (columns: {names})")
+    try:
+        open_shard(path)
+    except DamagedFileError as e:  # the what, without the how-to-fix: this is the fix
+        raise ValueError(f"{Path(path).name}: {e.problem}") from None
 
 
 class Progress:
@@ -122,6 +123,11 @@ def download_shards(
 
     def one(i: int) -> Path:
         dest = out_dir / shard_name(i)
+        if dest.exists():
+            try:
+                open_shard(dest)
+            except DamagedFileError as e:  # fetch() below replaces it; say so, a damaged file is news to the user
+                print(f"{dest} is damaged: {e.problem}; fetching it again", file=log, flush=True)
         fetch(shard_url(base_url, i), dest, verify=verify_shard, retries=retries, backoff=backoff,
               timeout=timeout, progress=progress.add_bytes)
         progress.file_done()

@@ -38,6 +38,16 @@ class FetchError(RuntimeError):
         self.status = status
 
 
+class DamagedFileError(FileNotFoundError):
+    """A data file that is present but unreadable (truncated, corrupt, wrong size or checksum). It counts as missing
+    (so whatever handles a missing file handles it too); the message names the file, what is wrong with it and the
+    command that fetches it again, which replaces damaged files it finds."""
+
+    def __init__(self, path, problem: str, command: str):
+        super().__init__(f"{path} is damaged: {problem}. Fetch it again with `{command}` (it replaces damaged files)")
+        self.path, self.problem, self.command = Path(path), problem, command
+
+
 class _Retry(Exception):
     """One attempt failed in a way that another attempt may fix."""
 

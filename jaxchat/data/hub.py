@@ -1,7 +1,7 @@
 """Task datasets from the Hugging Face hub, downloaded once as parquet and read with pyarrow.
 
     python -m jaxchat.data.hub fetch allenai/ai2_arc ARC-Easy test
-    python -m jaxchat.data.hub fetch-all        # every dataset jaxchat's tasks use (TASK_DATASETS)
+    python -m jaxchat.data.hub fetch-all        # every dataset jaxchat's tasks use (TASK_DATASETS) + the word list
     python -m jaxchat.data.hub list             # those datasets and whether each is cached
 
 As the reference does (no `datasets` dependency): `GET {endpoint}/api/datasets/{repo}/parquet/
@@ -11,6 +11,8 @@ directory without a manifest is an interrupted download and is fetched again fro
 
 A cached split loads with no network at all. `JAXCHAT_OFFLINE=1` (or `HF_HUB_OFFLINE=1`) forbids
 downloads; a split missing from the cache then fails at once, naming the command that fetches it.
+Cached files are checked when opened (size against the manifest, parquet footer): a damaged one is a
+DamagedFileError naming it and the fetch command, and that command re-fetches just the damaged files.
 `JAXCHAT_HUB_ENDPOINT` replaces https://huggingface.co (mirrors, tests).
 """
 import argparse
@@ -30,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jaxchat import paths
-from jaxchat.data.fetch import FetchError, fetch
+from jaxchat.data.fetch import DamagedFileError, FetchError, fetch
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MANIFEST = "manifest.json"
@@ -108,6 +110,24 @@ def verify_parquet(path: Path) -> None:
     pq.ParquetFile(path)  # parses the footer: raises on truncated or corrupt files
 
 
+def damaged_files(directory: Path, manifest: dict) -> dict[str, str]:
+    """{file: what is wrong} for the manifest's files that are not intact: size differs from the one recorded at
+    download (manifests written since sizes were recorded) or the parquet footer does not parse. Cheap: no data read."""
+    sizes = manifest.get("file_bytes") or [None] * len(manifest["files"])
+    bad = {}
+    for name, size in zip(manifest["files"], sizes):
+        path = directory / name
+        try:
+            have = path.stat().st_size
+            if size is not None and have != size:
+                bad[name] = f"{have:,} bytes where {size:,} were downloaded (truncated or overwritten)"
+                continue
+            verify_parquet(path)
+        except (OSError, pa.ArrowException) as e:
+            bad[name] = f"not a readable parquet file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return bad
+
+
 def verify_listing(path: Path) -> None:
     urls = json.loads(path.read_text())
     if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
@@ -133,12 +153,20 @@ def fetch_hub_dataset(repo_id: str, subset: str, split: str, *, retries: int = 5
     Raises FetchError when the listing or a file cannot be downloaded.
     """
     d = dataset_dir(repo_id, subset, split)
+    kw = dict(retries=retries, backoff=backoff, timeout=timeout)
     with _locked(d):
-        if read_manifest(d) is not None:
-            return d
+        manifest = read_manifest(d)
+        if manifest is not None:
+            try:
+                for name in damaged_files(d, manifest):  # replace what was damaged since, from where it came from
+                    (d / name).unlink()
+                    fetch(manifest["urls"][manifest["files"].index(name)], d / name, verify=verify_parquet, **kw)
+            except FetchError:
+                pass  # that URL is gone: the split is fetched afresh below
+            if not damaged_files(d, manifest):  # else e.g. the hub's file changed since: start the split afresh
+                return d
         shutil.rmtree(d, ignore_errors=True)  # leftovers of an interrupted download may be stale
         d.mkdir(parents=True)
-        kw = dict(retries=retries, backoff=backoff, timeout=timeout)
         source = listing_url(repo_id, subset, split)
         listing = fetch(source, d / LISTING, verify=verify_listing, **kw)
         urls = [urllib.parse.urljoin(source, u) for u in json.loads(listing.read_text())]
@@ -150,6 +178,7 @@ def fetch_hub_dataset(repo_id: str, subset: str, split: str, *, retries: int = 5
             "files": files, "urls": urls, "listing_url": source,
             "num_rows": sum(pq.ParquetFile(d / f).metadata.num_rows for f in files),
             "num_bytes": sum((d / f).stat().st_size for f in files),
+            "file_bytes": [(d / f).stat().st_size for f in files],
             "fetched_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         tmp = d / (MANIFEST + ".tmp")
@@ -172,10 +201,19 @@ def load_hub_dataset(repo_id: str, subset: str, split: str, *, retries: int = 5,
         except FetchError as e:
             raise HubDatasetUnavailable(_unavailable(repo_id, subset, split, _why(e))) from None
         manifest = read_manifest(d)
-    table = pa.concat_tables([pq.read_table(d / f) for f in manifest["files"]])
+    command = fetch_command(repo_id, subset, split)
+    for name, problem in damaged_files(d, manifest).items():
+        raise DamagedFileError(d / name, problem, command)
+    tables = []
+    for name in manifest["files"]:
+        try:
+            tables.append(pq.read_table(d / name))
+        except (OSError, pa.ArrowException) as e:  # pages damaged under an intact footer
+            raise DamagedFileError(d / name, f"unreadable ({type(e).__name__}: {e})", command) from None
+    table = pa.concat_tables(tables)
     if table.num_rows != manifest["num_rows"]:
-        raise RuntimeError(f"{d} holds {table.num_rows} rows but its manifest says {manifest['num_rows']}; "
-                           f"delete the directory and run `{fetch_command(repo_id, subset, split)}`")
+        raise DamagedFileError(d / MANIFEST, f"the files hold {table.num_rows} rows but it says "
+                               f"{manifest['num_rows']}", command)
     return table
 
 
@@ -195,13 +233,15 @@ def _unavailable(repo_id: str, subset: str, split: str, why: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxchat.tasks import words
+
     parser = argparse.ArgumentParser(prog="python -m jaxchat.data.hub", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     one = sub.add_parser("fetch", help="download one split")
     one.add_argument("repo_id")
     one.add_argument("subset")
     one.add_argument("split")
-    sub.add_parser("fetch-all", help="download every split in TASK_DATASETS")
+    sub.add_parser("fetch-all", help="download every split in TASK_DATASETS and the spelling tasks' word list")
     sub.add_parser("list", help="show TASK_DATASETS and what is cached")
     for p in (one, sub.choices["fetch-all"]):
         p.add_argument("--retries", type=int, default=5)
@@ -214,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             m = read_manifest(dataset_dir(s.repo_id, s.subset, s.split))
             state = f"{m['num_rows']:>9,} rows" if m else "  not cached"
             print(f"{state}  {s.repo_id} {s.subset} {s.split}  ({s.used_by})")
+        state = "       cached" if words.words_path().exists() else "  not cached"
+        print(f"{state}  {words.WORDS_FILENAME}  (SpellingBee, SimpleSpelling: `{words.FETCH_COMMAND}`)")
         return 0
     todo = TASK_DATASETS if args.command == "fetch-all" else (HubSplit(args.repo_id, args.subset, args.split, ""),)
     failed = []
@@ -225,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(f"{s.repo_id} {s.subset} {s.split}: {_why(e)}")
             continue
         print(f"{read_manifest(d)['num_rows']:>9,} rows  {s.repo_id} {s.subset} {s.split} -> {d}")
+    if args.command == "fetch-all":
+        try:
+            path = words.fetch_words(retries=args.retries, backoff=args.backoff, timeout=args.timeout)
+            print(f"{len(words.read_words(path)):>9,} words {words.WORDS_FILENAME} -> {path}")
+        except FetchError as e:
+            failed.append(f"{words.WORDS_FILENAME}: {_why(e)}")
     for line in failed:
         print(f"error: {line}", file=sys.stderr)
     return 1 if failed else 0

@@ -1,19 +1,26 @@
 """The DCLM CORE metric (nanochat `core_eval.py` + `base_eval.py`), framework-agnostic.
 
-Bundle layout (`eval_bundle_dir()`):
+Bundle layout (`eval_bundle_dir()`; `python -m jaxchat.evaluate.core` downloads it, or replaces a damaged one):
     core.yaml            icl_tasks: [{label, dataset_uri, num_fewshot: [K], icl_task_type, continuation_delimiter?}]
     eval_data/<category>/<file>.jsonl
     eval_meta_data.csv   columns include `Eval Task` and `Random baseline` (percent)
+A file that differs from the checksums written at unpacking, or does not parse, is a DamagedFileError naming it.
+
+Prompts are scored whole, as the reference scores its own models (their rotary tables reach 10x the training length;
+ours are computed from positions, so any length works): `crop` > 0 crops longer prompts from the left instead, what
+the reference does only for models that declare a max_seq_len (HF GPT-2, 1024). Config: `eval.core_crop`.
 
 Scoring needs only a `StatsFn`: tokens (B, T) -> per-position loss and greedy match, so any model (or a fake one in
 tests, through `stats_from_logits`) plugs in. `model_stats_fn(graphdef, params)` runs jaxchat's model under jit and
 computes both on the devices, rows split across devices, so (B, T, V) logits never reach the host.
 Batching: every row of every example of a task is sorted by length and run `batch_rows` at a time, right-padded with
-BOS to a power-of-two T (>= 16), B fixed, so a handful of shapes compile for the whole bundle. Examples are strided
-across processes.
+BOS to a power-of-two T (>= 16), B fixed, so a handful of shapes compile for the whole bundle; rows longer than
+`row_tokens` (the model's sequence length) go fewer at a time, so no batch holds more tokens than `batch_rows` full
+rows. Examples are strided across processes.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -28,9 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxchat.data.fetch import DamagedFileError
 from jaxchat.paths import eval_bundle_dir
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+FETCH_COMMAND = "python -m jaxchat.evaluate.core"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
 LogitsFn = Callable[[np.ndarray], np.ndarray]
@@ -117,7 +126,8 @@ class Prepared:
 
 def prepare_example(tokenizer, item: dict, meta: dict, fewshot: Sequence[dict] = (),
                     max_seq_len: int | None = None) -> Prepared:
-    """Render, tokenize and (if needed) left-crop one example. `meta`: {"task_type", "continuation_delimiter"}."""
+    """Render and tokenize one example, whole; with `max_seq_len`, rows longer than it are cropped from the left (the
+    reference's treatment of a model with a max_seq_len). `meta`: {"task_type", "continuation_delimiter"}."""
     task_type = meta["task_type"]
     prompts = render_prompts(item, task_type, meta.get("continuation_delimiter", " "), fewshot)
     tokens = [tokenizer.encode(p, prepend=tokenizer.bos_id) for p in prompts]
@@ -171,19 +181,31 @@ def score_example(logits_fn: LogitsFn, tokenizer, item: dict, meta: dict, fewsho
 
 
 def run_rows(stats_fn: StatsFn, rows: Sequence[Sequence[int]], pad_id: int, max_seq_len: int | None = None,
-             batch_rows: int = 32) -> tuple[list[np.ndarray], list[np.ndarray]]:
+             batch_rows: int = 32, row_tokens: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per-row (nll, match) for many rows: rows are sorted by length and batched `batch_rows` at a time, right-padded
-    to a power-of-two T (>= 16), B fixed (a power of two), so a handful of shapes compile and little is padding."""
+    to a power-of-two T (>= 16), B fixed (a power of two), so a handful of shapes compile and little is padding.
+    With `row_tokens`, a batch whose T exceeds it takes fewer rows (B halved until B * T <= batch_rows * row_tokens),
+    so prompts longer than the model's sequence length cost no more memory than a full batch of ordinary ones."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     B = bucket(min(batch_rows, max(1, len(rows))), 1)
+    budget = B * row_tokens if row_tokens else None
     nll_out: list = [None] * len(rows)
     match_out: list = [None] * len(rows)
-    for start in range(0, len(order), B):
-        chunk = order[start:start + B]
-        T = bucket(max(len(rows[i]) for i in chunk), 16)
-        if max_seq_len is not None:
-            T = min(T, max_seq_len)
-        batch = np.full((B, T), pad_id, dtype=np.int32)
+
+    def width(n_rows: int) -> int:
+        T = bucket(max(len(rows[i]) for i in order[start:start + n_rows]), 16)
+        return T if max_seq_len is None else min(T, max_seq_len)
+
+    start = 0
+    while start < len(order):
+        b = B
+        T = width(b)
+        while budget and b > 1 and b * T > budget:
+            b //= 2
+            T = width(b)
+        chunk = order[start:start + b]
+        start += b
+        batch = np.full((b, T), pad_id, dtype=np.int32)
         for j, i in enumerate(chunk):
             batch[j, :len(rows[i])] = rows[i]
         nll, match = stats_fn(batch)
@@ -245,34 +267,43 @@ def load_bundle(bundle_dir: str | os.PathLike | None = None) -> list[dict]:
     continuation_delimiter (default " ")."""
     import yaml
 
-    bundle_dir = Path(bundle_dir or eval_bundle_dir())
-    with open(bundle_dir / "core.yaml", encoding="utf-8") as f:
-        config = yaml.safe_load(f)
-    tasks = []
-    for t in config["icl_tasks"]:
-        k = t["num_fewshot"]
-        tasks.append({
-            "label": t["label"],
-            "dataset_uri": t["dataset_uri"],
-            "num_fewshot": int(k[0] if isinstance(k, list) else k),
-            "task_type": t["icl_task_type"],
-            "continuation_delimiter": t.get("continuation_delimiter", " "),
-        })
+    path = Path(bundle_dir or eval_bundle_dir()) / "core.yaml"
+    with _damage_is_named(path):
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+        tasks = []
+        for t in config["icl_tasks"]:
+            k = t["num_fewshot"]
+            tasks.append({
+                "label": t["label"],
+                "dataset_uri": t["dataset_uri"],
+                "num_fewshot": int(k[0] if isinstance(k, list) else k),
+                "task_type": t["icl_task_type"],
+                "continuation_delimiter": t.get("continuation_delimiter", " "),
+            })
     return tasks
 
 
 def random_baselines(csv_path: str | os.PathLike) -> dict[str, float]:
     """`Eval Task` -> `Random baseline` (percent) from eval_meta_data.csv."""
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with _damage_is_named(csv_path), open(csv_path, newline="", encoding="utf-8") as f:
         return {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
 
 
 def load_task_data(bundle_dir: str | os.PathLike, dataset_uri: str, max_per_task: int = -1) -> list[dict]:
     """The jsonl rows, shuffled with random.Random(1337), cropped to max_per_task when > 0."""
-    with open(Path(bundle_dir) / "eval_data" / dataset_uri, encoding="utf-8") as f:
+    path = Path(bundle_dir) / "eval_data" / dataset_uri
+    with _damage_is_named(path), open(path, encoding="utf-8") as f:
         data = [json.loads(line) for line in f if line.strip()]
     random.Random(1337).shuffle(data)
     return data[:max_per_task] if max_per_task > 0 else data
+
+
+def crop_length(config) -> int | None:
+    """evaluate_core's max_seq_len from `config.eval.core_crop`: None (score whole, the reference's way for its own
+    models) unless it is > 0."""
+    crop = config.eval.get("core_crop", 0)
+    return crop if crop > 0 else None
 
 
 def centered(acc: float, baseline_pct: float) -> float:
@@ -281,13 +312,15 @@ def centered(acc: float, baseline_pct: float) -> float:
 
 
 def evaluate_task(stats_fn: StatsFn, tokenizer, data: Sequence[dict], task: dict, max_seq_len: int | None = None,
-                  batch_rows: int = 32, process_index: int = 0, process_count: int = 1) -> tuple[int, int]:
-    """(correct, examples) over this process's share of `data` (every process_count-th example)."""
+                  batch_rows: int = 32, process_index: int = 0, process_count: int = 1,
+                  row_tokens: int | None = None) -> tuple[int, int]:
+    """(correct, examples) over this process's share of `data` (every process_count-th example). `max_seq_len`: crop
+    longer rows from the left (None: whole); `row_tokens`: see run_rows."""
     mine = range(process_index, len(data), process_count)
     prepared = [prepare_example(tokenizer, data[i], task, sample_fewshot(data, i, task["num_fewshot"]), max_seq_len)
                 for i in mine]
     rows = [r for p in prepared for r in p.rows]
-    nll, match = run_rows(stats_fn, rows, tokenizer.bos_id, max_seq_len, batch_rows)
+    nll, match = run_rows(stats_fn, rows, tokenizer.bos_id, max_seq_len, batch_rows, row_tokens)
     correct, k = 0, 0
     for p in prepared:
         n = len(p.rows)
@@ -304,9 +337,12 @@ def evaluate_core(
     max_seq_len: int | None = None,
     log: Callable[[str], None] | None = print,
     batch_rows: int = 32,
+    row_tokens: int | None = None,
 ) -> dict:
     """-> {"results": {label: acc}, "centered": {label: centered acc}, "core": mean centered}. Examples are strided
-    across processes and the counts summed, so every host scores a disjoint share."""
+    across processes and the counts summed, so every host scores a disjoint share. `max_seq_len`: crop prompts longer
+    than it from the left (None: score them whole, the reference's way for its own models); `row_tokens`: the model's
+    sequence length, which bounds the tokens per batch (run_rows)."""
     import jax
 
     from jaxchat.sharding import sum_over_processes
@@ -322,7 +358,7 @@ def evaluate_core(
         data = load_task_data(bundle_dir, task["dataset_uri"], max_per_task)
         t0 = time.perf_counter()
         correct, total = evaluate_task(stats_fn, tokenizer, data, task, max_seq_len, batch_rows,
-                                       jax.process_index(), jax.process_count())
+                                       jax.process_index(), jax.process_count(), row_tokens)
         correct, total = sum_over_processes([correct, total])
         acc = correct / total if total else 0.0
         results[label] = acc
@@ -356,13 +392,18 @@ def _verify_zip(path: Path) -> None:
 
 
 def download_bundle(url: str = BUNDLE_URL, dest: str | os.PathLike | None = None, **fetch_kwargs) -> Path:
-    """Fetch the zip and extract it to `dest` atomically (tmp dir, then rename). No-op if dest/core.yaml exists.
+    """Fetch the zip and extract it to `dest` atomically (tmp dir, then rename). No-op if dest holds an intact bundle
+    (core.yaml present, checksums match); a damaged one is replaced.
     The zip may hold the files at its root or under one top-level folder (the real one has `eval_bundle/`)."""
     from jaxchat.data.fetch import fetch
 
     dest = Path(dest or eval_bundle_dir())
     if (dest / "core.yaml").exists():
-        return dest
+        try:
+            verify_bundle(dest)
+            return dest
+        except DamagedFileError as e:  # fetched again below, replacing the damaged copy
+            print(f"{e.path} is damaged ({e.problem}); downloading the bundle again", flush=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     zip_path = dest.parent / (dest.name + ".zip")
     fetch(url, zip_path, verify=_verify_zip, **fetch_kwargs)
@@ -407,15 +448,57 @@ def write_tree_digest(root: Path) -> None:
 
 
 def verify_bundle(bundle_dir: str | os.PathLike) -> None:
-    """Compare the bundle with the digest written when it was unpacked; raise naming what differs. A bundle placed
-    by hand (no digest) is accepted as is."""
+    """Compare the bundle with the digest written when it was unpacked; DamagedFileError naming what differs. A bundle
+    placed by hand (no digest) is accepted as is (its files are still checked as they are parsed)."""
     root = Path(bundle_dir)
     digest_path = root / TREE_DIGEST
     if not digest_path.exists():
         return
-    expected, actual = json.loads(digest_path.read_text()), _tree_files(root)
+    with _damage_is_named(digest_path):
+        expected = json.loads(digest_path.read_text())
+    actual = _tree_files(root)
     missing = sorted(set(expected) - set(actual))
     changed = sorted(k for k in expected if k in actual and actual[k] != expected[k])
     if missing or changed:
-        raise ValueError(f"the CORE bundle in {root} does not match its checksums (missing: {missing[:5]}, changed: "
-                         f"{changed[:5]}); delete the folder and evaluate again to download it afresh")
+        first = (changed or missing)[0]
+        raise DamagedFileError(root / first, f"the CORE bundle does not match the checksums written when it was "
+                               f"unpacked (missing: {missing[:5]}, changed: {changed[:5]})", FETCH_COMMAND)
+
+
+@contextlib.contextmanager
+def _damage_is_named(path):
+    """A bundle file that is missing or does not parse is a DamagedFileError naming it and the command to refetch."""
+    import yaml
+
+    try:
+        yield
+    except FileNotFoundError as e:
+        if isinstance(e, DamagedFileError):
+            raise
+        raise DamagedFileError(path, "it is missing from the bundle", FETCH_COMMAND) from None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
+        raise DamagedFileError(path, f"it does not parse ({type(e).__name__}: {e})", FETCH_COMMAND) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jaxchat.evaluate.core [--url URL]`: download the bundle, or replace a damaged one."""
+    import argparse
+    import sys
+
+    from jaxchat.data.fetch import FetchError
+
+    ap = argparse.ArgumentParser(prog=FETCH_COMMAND, description=f"Download the CORE eval bundle to "
+                                 f"{eval_bundle_dir()} (again, if the copy there is damaged).")
+    ap.add_argument("--url", default=BUNDLE_URL)
+    args = ap.parse_args(argv)
+    try:
+        dest = download_bundle(args.url)
+    except (FetchError, OSError, zipfile.BadZipFile, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(f"{len(load_bundle(dest))} CORE tasks in {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

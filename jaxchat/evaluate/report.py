@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not paths.run_dir(config.run).is_dir():
         print(f"error: no run directory {paths.run_dir(config.run)}: nothing to report yet "
-              f"(train first, e.g. python train.py --config=configs/{config.run}.py --stage=all)", file=sys.stderr)
+              f"(train first, e.g. {C.command(config, 'train.py', '--stage=all')})", file=sys.stderr)
         return 2
     print(render(config.run))
     return 0

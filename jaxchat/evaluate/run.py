@@ -67,10 +67,11 @@ def evaluate_stage(config, stage: str, tasks: list[str] | None = None, step: int
         try:
             bundle = paths.eval_bundle_dir() if hub_offline() else core.download_bundle()
             if not (Path(bundle) / "core.yaml").exists():
-                raise FileNotFoundError(f"no CORE bundle in {bundle} and offline mode is on")
+                raise FileNotFoundError(f"no CORE bundle in {bundle} and offline mode is on; fetch it where the "
+                                        f"network is reachable: `{core.FETCH_COMMAND}`")
             result = core.evaluate_core(core.model_stats_fn(graphdef, params), tokenizer, bundle,
-                                        max_per_task=config.eval.core_max_per_task, max_seq_len=cfg.sequence_len,
-                                        log=log)
+                                        max_per_task=config.eval.core_max_per_task,
+                                        max_seq_len=core.crop_length(config), row_tokens=cfg.sequence_len, log=log)
         except (FetchError, FileNotFoundError) as e:
             summary["skipped"]["CORE"] = str(e).splitlines()[0]
             log(f"CORE skipped: {summary['skipped']['CORE']}")

@@ -1,8 +1,9 @@
 """Tasks: conversations to train on and problems to evaluate (see base.py for the interface).
 
 `EVAL_TASKS` are the chat evaluations by name; `ONLINE` marks those that need the hub's data, so an offline run can
-evaluate what it has and say what it skipped. The offline ones: SpellingBee (its word list is downloaded once, with
-a fallback), TinySpellingBee (on the embedded corpus's words), and the synthetic Arithmetic and TinyQuiz.
+evaluate what it has and say what it skipped. The offline ones: SpellingBee (once its word list is downloaded; without
+it the task is skipped, naming the command that fetches it), TinySpellingBee (on the embedded corpus's words), and the
+synthetic Arithmetic and TinyQuiz.
 """
 from __future__ import annotations
 

@@ -1,22 +1,25 @@
 """The English word list behind SpellingBee and SimpleSpelling (nanochat-reference.md §6.4).
 
 The reference downloads dwyl/english-words' `words_alpha.txt` (~370K lowercase words, CRLF line endings).
-`load_words()` looks for it as `$JAXCHAT_HOME/words_alpha.txt`, downloads it there when missing, and otherwise
-falls back to the vocabulary of the embedded tiny corpus (a few hundred words), warning which file to place.
+`load_words()` looks for it as `$JAXCHAT_HOME/words_alpha.txt` and downloads it there when missing; when it can have
+neither it raises WordListUnavailable naming the command that fetches it:
 
+    python -m jaxchat.tasks.words            # or `python -m jaxchat.data.hub fetch-all`, which fetches it too
     JAXCHAT_WORDS_URL     replaces the download URL (mirrors, tests)
     JAXCHAT_OFFLINE=1     never download (HF_HUB_OFFLINE=1 too, as for the hub datasets)
 
-The fallback exists so the tiny offline recipe and the tests run anywhere; the spelling tasks then draw from far
-fewer words, so their examples differ from a run with the full list.
+There is no silent fallback: a recipe whose spelling tasks drew from a few hundred words instead of 370K would train
+on different data without saying so. The tiny recipe asks for `fallback_words()` (the embedded corpus's vocabulary)
+by name: its `tiny` mixture and the TinySpellingBee eval pass them as `words=`, so it runs offline everywhere.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import random
 import re
-import warnings
+import sys
 from pathlib import Path
 
 from jaxchat import paths
@@ -31,8 +34,15 @@ FALLBACK_DOCS = 2000  # the vocabulary saturates by ~1000 documents (508 words);
 _WORD = re.compile(r"[a-z]+")
 
 
+FETCH_COMMAND = "python -m jaxchat.tasks.words"
+
+
 class WordListError(ValueError):
     """A word-list file that is not a list of lowercase a–z words."""
+
+
+class WordListUnavailable(FileNotFoundError):
+    """The word list is not on disk and could not be downloaded; the message names the command that fetches it."""
 
 
 def words_path() -> Path:
@@ -90,32 +100,59 @@ def fallback_words() -> tuple[str, ...]:
     return tuple(sorted(words))
 
 
-def _warn_fallback(reason: str, dest: Path) -> None:
-    warnings.warn(
-        f"{reason}; using the {len(fallback_words())} words of the embedded tiny corpus instead. For the full list, "
-        f"place {WORDS_FILENAME} (from {WORDS_URL}) at {dest}",
-        RuntimeWarning, stacklevel=3,
-    )
+def _unavailable(reason: str, dest: Path) -> WordListUnavailable:
+    return WordListUnavailable(
+        f"the spelling tasks need the word list {dest}, which is missing and {reason}. Fetch it where "
+        f"{WORDS_URL} is reachable: `{FETCH_COMMAND}` (or `python -m jaxchat.data.hub fetch-all`), or place "
+        f"{WORDS_FILENAME} there by hand. (The tiny recipe's spelling tasks use the embedded corpus's words instead.)")
+
+
+def fetch_words(url: str | None = None, *, dest: str | os.PathLike | None = None, retries: int = 3,
+                backoff: float = 1.0, timeout: float = 30) -> Path:
+    """Download the list to `dest` unless a copy that passes verify_word_file is there (a damaged or truncated copy
+    is replaced). Raises FetchError."""
+    dest = Path(dest) if dest is not None else words_path()
+    return fetch(url or words_url(), dest, verify=verify_word_file, retries=retries, backoff=backoff, timeout=timeout)
 
 
 def load_words(url: str | None = None, *, dest: str | os.PathLike | None = None, retries: int = 3,
                backoff: float = 1.0, timeout: float = 30) -> list[str]:
     """The word list: `dest` (default `$JAXCHAT_HOME/words_alpha.txt`) if present, else downloaded from `url`
-    (default `$JAXCHAT_WORDS_URL` or dwyl's list), else the tiny-corpus fallback with a warning.
+    (default `$JAXCHAT_WORDS_URL` or dwyl's list), else WordListUnavailable naming the command that fetches it.
 
-    A present file that is not a word list is an error rather than a fallback: it was put there on purpose.
+    A present file is used as it is (a short list placed on purpose is the user's choice); one that is not a word
+    list is a WordListError naming the fix.
     """
     dest = Path(dest) if dest is not None else words_path()
     if dest.exists():
-        return read_words(dest)
+        try:
+            return read_words(dest)
+        except (WordListError, UnicodeDecodeError) as e:
+            raise WordListError(f"{e}. Delete it and run `{FETCH_COMMAND}` to fetch the list again") from None
     if offline():
-        _warn_fallback(f"no {dest} and offline mode is on (JAXCHAT_OFFLINE / HF_HUB_OFFLINE)", dest)
-        return list(fallback_words())
-    url = url or words_url()
+        raise _unavailable("offline mode is on (JAXCHAT_OFFLINE / HF_HUB_OFFLINE)", dest)
     try:
-        fetch(url, dest, verify=verify_word_file, retries=retries, backoff=backoff, timeout=timeout)
+        fetch_words(url, dest=dest, retries=retries, backoff=backoff, timeout=timeout)
     except (FetchError, OSError) as e:
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        _warn_fallback(f"could not download the word list ({first_line})", dest)
-        return list(fallback_words())
+        raise _unavailable(f"could not be downloaded ({first_line})", dest) from None
     return read_words(dest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jaxchat.tasks.words",
+                                 description=f"Download the spelling tasks' word list to {words_path()}.")
+    ap.add_argument("--url", default=None, help=f"default: $JAXCHAT_WORDS_URL or {WORDS_URL}")
+    ap.add_argument("--retries", type=int, default=3)
+    args = ap.parse_args(argv)
+    try:
+        path = fetch_words(args.url, retries=args.retries)
+    except FetchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{len(read_words(path)):,} words in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
