@@ -26,8 +26,14 @@ def main(argv: list[str]) -> int:
         sharding.initialize_distributed()
         import jax
 
-        C.derive(config, len(jax.devices()))  # fail on a bad config before any work
+        n = len(jax.devices())
+        auto = config.device_batch_size == C.AUTO
+        C.derive(C.auto_probe(config, n) if auto else config, n)  # fail on a bad config before any work
         log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+        if auto and stage != "tokenizer":  # resolved once, before any stage derives its batch from it
+            from jaxchat.dryrun import resolve_device_batch
+
+            config = resolve_device_batch(config, log=log)
         if stage == "all":
             stages.run_all(config, log)
         else:

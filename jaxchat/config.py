@@ -20,7 +20,7 @@ import math
 import shlex
 import sys
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, FieldReference
 
 # bf16 dense peak FLOP/s by accelerator name (substring of `device.device_kind`); longest match wins.
 PEAK_FLOPS = {
@@ -61,8 +61,19 @@ def default_config() -> ConfigDict:
     c.softcap = 15.0
     c.compute_dtype = "bfloat16"
     c.attention = "auto"  # auto: cudnn on GPU, xla elsewhere
+    # memory (model.py): what each block keeps for the backward ("none"; "dots": the weight matmuls' outputs, so the
+    # backward recomputes only attention and elementwise ops, ~+6% FLOPs; "full": only its input, recomputing the whole
+    # block, ~+30%), and the cross-entropy's tokens per device per chunk (0: the whole batch's (B, T, vocab) fp32 logits
+    # at once, ~1.5 GiB per 2,048-token row of d20 with their gradient). Chosen by the dry run on 8 devices: with
+    # "dots" d20 (32 rows), d26 (16) and d32 (8) need 54, 49 and 41 GiB of the 60 a 80 GB card gives; "none" needs 94
+    # GiB at d20. 4,096 tokens is where smaller chunks stop lowering the peak.
+    c.remat = "dots"
+    c.loss_chunk = 4096
     # batch and horizon
-    c.device_batch_size = 32
+    # rows per device per micro-batch; "auto": the largest power of two whose compiled step fits the card, found at
+    # start-up by compiling (jaxchat.dryrun.auto_device_batch). A reference that takes an int or "auto" (set_field).
+    c.device_batch_size = FieldReference(32, field_type=object)
+    c.device_memory_gib = 80.0  # per device; "auto" keeps a step's need under JAX's 75% preallocation of it
     c.total_batch_size = 524288  # tokens per optimizer step; -1: one micro-batch on every device
     c.target_param_data_ratio = 20.0
     c.num_iterations = -1  # > 0 overrides the derived horizon
@@ -95,7 +106,9 @@ def default_config() -> ConfigDict:
     c.save_every = -1
     c.log_every = 1
     c.keep_checkpoints = 3
-    c.prefetch = 2  # steps' batches built and placed on a background thread while the device runs (0: on the loop's)
+    # steps' batches built on a background thread while the device runs, each loss read after the next step was
+    # dispatched; 0: the synchronous loop (batch built and loss read on the loop's thread, one step at a time)
+    c.prefetch = 2
     c.peak_flops = 0.0  # 0: look the device up in PEAK_FLOPS
     c.wandb_project = ""  # set (and pip install wandb) to log there too
     # data
@@ -205,7 +218,30 @@ def stage_config(c: ConfigDict, stage: str) -> ConfigDict:
     if stage in CHAT_STAGES and stage in c:
         for key, value in c[stage].items():
             if key in out and key not in CHAT_STAGES:
-                out[key] = value
+                set_field(out, key, value)
+    return out
+
+
+AUTO = "auto"
+AUTO_FIELDS = ("device_batch_size",)  # top-level fields that take "auto" as well as an int
+
+
+def set_field(c: ConfigDict, key: str, value) -> None:
+    """`c[key] = value`, also between "auto" and an int for AUTO_FIELDS: a resolved ConfigDict (every copy) types
+    each field by its current value, so switching type means replacing the field."""
+    try:
+        c[key] = value
+    except TypeError:
+        if key not in AUTO_FIELDS:
+            raise
+        del c[key]
+        c[key] = value
+
+
+def with_device_batch(c: ConfigDict, rows: int) -> ConfigDict:
+    """A copy of `c` with `device_batch_size` set (e.g. "auto" resolved)."""
+    out = c.copy_and_resolve_references()
+    set_field(out, "device_batch_size", rows)
     return out
 
 
@@ -252,6 +288,33 @@ STAGE_CHOICES = {
     "sft.layout": ("packed", "padded"), "mid.supervise": ("assistant", "all"), "sft.supervise": ("assistant", "all"),
     "rl.task": ("GSM8K", "Arithmetic"),
 }
+
+
+# The device batch sizes "auto" tries, largest first.
+AUTO_BATCHES = (64, 32, 16, 8, 4, 2, 1)
+
+
+def auto_batch_candidates(c: ConfigDict, n_devices: int) -> list[int]:
+    """The sizes `device_batch_size="auto"` may pick, largest first: the powers of two that split total_batch_size
+    into whole micro-batches on `n_devices` (all of them when total_batch_size is -1)."""
+    if c.total_batch_size == -1:
+        return list(AUTO_BATCHES)
+    per_row = c.sequence_len * n_devices
+    _require(c.total_batch_size > 0 and c.total_batch_size % per_row == 0,
+             f"total_batch_size={c.total_batch_size} is not a multiple of sequence_len*n_devices={c.sequence_len}*"
+             f"{n_devices}={per_row}, so no device_batch_size (auto or not) splits it into whole micro-batches; "
+             "change total_batch_size")
+    return [b for b in AUTO_BATCHES if c.total_batch_size % (b * per_row) == 0]
+
+
+def auto_probe(c: ConfigDict, n_devices: int) -> ConfigDict:
+    """`c` with "auto" replaced by its largest candidate: what derive needs to report everything else, compiling
+    nothing (python -m jaxchat.config)."""
+    return with_device_batch(c, auto_batch_candidates(c, n_devices)[0])
+
+
+# Per-block rematerialisation (model.REMAT_POLICIES).
+REMAT_CHOICES = ("none", "dots", "full")
 
 
 # Pretraining packings (data/pretrain.py): October's token stream and the 2026 best-fit rows.
@@ -330,7 +393,14 @@ def derive(c: ConfigDict, n_devices: int = 1) -> Derived:
     model_dim, n_head, n_kv_head, head_dim = model_shape(c)
     _require(c.vocab_size >= 10, f"vocab_size must hold at least the 9 special tokens, got {c.vocab_size}")
     _require(c.sequence_len >= 2, f"sequence_len must be >= 2, got {c.sequence_len}")
-    _require(c.device_batch_size >= 1, f"device_batch_size must be >= 1, got {c.device_batch_size}")
+    _require(c.device_batch_size != AUTO,
+             "device_batch_size='auto' is resolved at start-up by compiling the train step (train.py does it; in code "
+             "jaxchat.dryrun.auto_device_batch); this needs a number: set --config.device_batch_size=N")
+    _require(isinstance(c.device_batch_size, int) and c.device_batch_size >= 1,
+             f"device_batch_size must be an integer >= 1 or 'auto', got {c.device_batch_size!r}")
+    _require(c.get("remat", "none") in REMAT_CHOICES,
+             f"remat must be one of {', '.join(REMAT_CHOICES)}, got {c.get('remat')!r}")
+    _require(c.get("loss_chunk", 0) >= 0, f"loss_chunk must be >= 0 (0: unchunked), got {c.get('loss_chunk')}")
     _require(n_devices >= 1, f"need at least one device, got {n_devices}")
     n_layer = c.depth
     num_params = count_params(c.vocab_size, n_layer, model_dim, n_head, n_kv_head, head_dim)
@@ -446,7 +516,12 @@ def apply_overrides(config: ConfigDict, overrides: dict[str, str]) -> ConfigDict
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"unknown config field {key!r}{hint}")
         try:
-            node[leaf] = _parse_value(text, node[leaf])
+            if leaf in AUTO_FIELDS and text == AUTO and node is not config:
+                raise ConfigError(f"'{AUTO}' is accepted by the top-level {leaf} only; a stage's takes a number")
+            if node is config and leaf in AUTO_FIELDS and AUTO in (text, node[leaf]):
+                set_field(node, leaf, AUTO if text == AUTO else _parse_value(text, 0))
+            else:
+                node[leaf] = _parse_value(text, node[leaf])
         except (ValueError, ConfigError) as e:
             raise ConfigError(f"--config.{key}={text}: {e}") from e
     return config
@@ -567,8 +642,9 @@ def describe(c: ConfigDict, d: Derived) -> str:
         f"  non-embedding         {d.num_params - d.num_embedding_params:,}",
         f"FLOPs per token         {d.flops_per_token:.6e}",
         f"devices                 {d.n_devices}",
-        f"batch                   {d.total_batch_size:,} tokens/step = {d.device_batch_size} rows x {d.sequence_len} x "
-        f"{d.n_devices} devices x {d.grad_accum_steps} accumulation steps",
+        _batch_line(c, d),
+        f"memory                  remat {c.get('remat', 'none')}, loss chunk "
+        + (f"{c.loss_chunk:,} tokens per device" if c.get("loss_chunk", 0) else "off (whole batch's logits)"),
         f"horizon                 {d.num_iterations:,} steps = {d.total_tokens:,} tokens "
         f"({d.total_tokens / d.num_params:.1f} tokens/param), {d.flops_per_token * d.total_tokens:.3e} FLOPs",
         f"learning rates          embedding {d.embedding_lr:.6g}, unembedding {d.unembedding_lr:.6g}, matrix (Muon) {d.matrix_lr:.6g}",
@@ -583,6 +659,18 @@ def describe(c: ConfigDict, d: Derived) -> str:
         layout = c.sft.get("layout", "packed")
         lines.append(f"SFT layout              {layout} ({SFT_LAYOUT_NOTES.get(layout, '?')})")
     return "\n".join(lines)
+
+
+def _batch_line(c: ConfigDict, d: Derived) -> str:
+    head = "batch                   "
+    if c.device_batch_size != AUTO:
+        return (f"{head}{d.total_batch_size:,} tokens/step = {d.device_batch_size} rows x {d.sequence_len} x "
+                f"{d.n_devices} devices x {d.grad_accum_steps} accumulation steps")
+    auto = "auto (resolved at start-up by compiling) rows"
+    if c.total_batch_size == -1:  # the step's size is the auto batch's: the horizon shown is for the largest candidate
+        return (f"{head}one micro-batch per step = {auto} x {d.sequence_len} x {d.n_devices} devices (horizon below "
+                f"for {d.device_batch_size} rows)")
+    return f"{head}{d.total_batch_size:,} tokens/step = {auto} x {d.sequence_len} x {d.n_devices} devices x accumulation"
 
 
 def _grad_clip_text(c: ConfigDict) -> str:
@@ -614,7 +702,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 raise ConfigError(f"unknown argument {arg!r} (usage: --config=PATH [--config.x=y ...] [--devices=N] "
                                   "[--shards-needed])")
-        derived = derive(config, n_devices)
+        if config.device_batch_size == AUTO:  # nothing is compiled here: derive the rest with the batch left open
+            derived = derive(auto_probe(config, n_devices), n_devices)
+        else:
+            derived = derive(config, n_devices)
         print(shards_needed(config, derived) if only_shards else describe(config, derived))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Will it fit, and how does it shard? Compile the real programs for N devices and read XLA's own analysis.
 
-    python -m jaxchat.dryrun --config=configs/d20.py --devices=8 [--device-memory-gib=80] [--config.x=y ...]
+    python -m jaxchat.dryrun --config=configs/d20.py --devices=8 [--device-memory-gib=N] [--config.x=y ...]
 
 Toy-size tests cannot show whether d20 fits a card or shards correctly; the compiled program can. This compiles the
 real train step (the trainer's shardings, optimizer and loss) and the engine's prefill and decode (the server's
@@ -218,12 +218,16 @@ class Report:
         return dataclasses.asdict(self)
 
 
-def dry_run(cfg, n_devices: int, device_memory_gib: float = 80.0, with_engine: bool = True) -> Report:
+def dry_run(cfg, n_devices: int, with_engine: bool = True, log=print) -> Report:
+    """Compile and analyse; the card is `cfg.device_memory_gib`, and device_batch_size="auto" is resolved first."""
     devices = jax.devices()[:n_devices]
     if len(devices) < n_devices:
         raise SystemExit(f"only {len(devices)} devices; the dry run sets jax_num_cpu_devices before jax starts, so "
                          f"run it as its own process (python -m jaxchat.dryrun)")
     attention = "chunked" if devices[0].platform == "cpu" else model.resolve_attention(cfg.attention, "gpu")[0]
+    device_memory_gib = cfg.get("device_memory_gib", 80.0)
+    if cfg.get("device_batch_size") == C.AUTO:
+        cfg = C.with_device_batch(cfg, auto_device_batch(cfg, devices, attention, log=log))
     prog = TrainProgram(cfg, attention, devices)
     mem = prog.memory()
     return Report(
@@ -269,18 +273,55 @@ def main(argv: list[str] | None = None) -> int:
             key, sep, value = arg.lstrip("-").partition("=")
             if not sep or key not in ("devices", "device-memory-gib", "no-engine"):
                 raise C.ConfigError(f"unknown argument {arg!r} (usage: --config=PATH [--config.x=y ...] --devices=N "
-                                    f"[--device-memory-gib=80] [--no-engine=1])")
+                                    f"[--device-memory-gib=N, default the config's device_memory_gib] [--no-engine=1])")
             opts[key] = value
         n = int(opts.get("devices", 8))
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", n)
-        report = dry_run(cfg, n, float(opts.get("device-memory-gib", 80)), with_engine=not opts.get("no-engine"))
+        if "device-memory-gib" in opts:
+            cfg = C.apply_overrides(cfg, {"device_memory_gib": opts["device-memory-gib"]})
+        report = dry_run(cfg, n, with_engine=not opts.get("no-engine"), log=lambda m: print(m, file=sys.stderr))
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(describe(report))
     print(json.dumps(report.as_dict()))
     return 0 if report.fits else 1
+
+
+def auto_device_batch(cfg, devices=None, attention: str | None = None, log=print) -> int:
+    """`device_batch_size="auto"`: the largest power of two (C.AUTO_BATCHES, those that split total_batch_size) whose
+    real train step, compiled ahead of time for `devices` (default: all; nothing is allocated), needs at most
+    PREALLOCATE x `cfg.device_memory_gib` per device by XLA's own memory analysis. Raises ConfigError when not even
+    the smallest fits, or when the backend reports no memory analysis."""
+    devices = list(devices or jax.devices())
+    if attention is None:
+        attention = model.resolve_attention(cfg.attention, devices[0].platform)[0]
+    gib = cfg.get("device_memory_gib", 80.0)
+    limit = PREALLOCATE * gib * 2**30
+    tried = []
+    for rows in C.auto_batch_candidates(cfg, len(devices)):
+        prog = TrainProgram(C.with_device_batch(cfg, rows), attention, devices)
+        need = prog.memory().get("need_bytes")
+        del prog
+        if need is None:
+            raise C.ConfigError(f"device_batch_size=auto: {devices[0].platform} reports no memory analysis of the "
+                                "compiled step; set --config.device_batch_size=N")
+        tried.append(f"{rows} rows need {need / 2**30:.1f} GiB")
+        if need <= limit:
+            log(f"device_batch_size auto: {rows} ({', '.join(tried)} per device; the limit is {limit / 2**30:.1f} GiB "
+                f"= {PREALLOCATE:.0%} of device_memory_gib={gib:g})")
+            return rows
+    raise C.ConfigError(f"device_batch_size=auto: nothing fits {limit / 2**30:.1f} GiB per device ({PREALLOCATE:.0%} "
+                        f"of device_memory_gib={gib:g}): {', '.join(tried)}; use more devices, remat='full', a smaller "
+                        "loss_chunk, or a smaller model")
+
+
+def resolve_device_batch(cfg, devices=None, log=print):
+    """`cfg` itself, or a copy with device_batch_size="auto" resolved by compiling (auto_device_batch)."""
+    if cfg.get("device_batch_size") != C.AUTO:
+        return cfg
+    return C.with_device_batch(cfg, auto_device_batch(cfg, devices, log=log))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,13 @@ Notable features (all as the reference):
 - logits soft-capped at 15·tanh(x/15), computed in fp32
 - init: fan-in scaled normal (std 1/sqrt(in) · min(1, sqrt(out/in))), embedding N(0, 1), and zeros for the attention and
   MLP output projections and the head, so every block starts as the identity and the first logits are uniform
-- fp32 master weights, bf16 compute (weights cast at use), fp32 loss
+- fp32 master weights, bf16 compute (each forward casts the weight matrices once, still sharded, so FSDP gathers
+  bf16: `compute_params`), fp32 loss
 
 Kernels are stored (in, out) as in `x @ W`; the optimizer's shape rules know this (see muon.py).
 The training path is functional: `nnx.split` once, then `forward(graphdef, params, ...)` merges inside the jitted loss.
+Memory (config `remat`, `loss_chunk`): per-block rematerialisation (`remat_block`), and a cross-entropy that never
+holds the whole batch's logits (`chunked_token_losses`, behind `forward_losses`, the one path of every loss).
 `PARAM_AXES` names each parameter's logical axes; sharding.py maps them onto the mesh.
 """
 from __future__ import annotations
@@ -25,6 +28,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxchat import sharding
 
 # Logical axes of every parameter, by its name in the module tree. The model never names mesh axes.
 PARAM_AXES = {
@@ -51,6 +56,8 @@ class GPTConfig:
     softcap: float = 15.0
     compute_dtype: str = "bfloat16"
     attention: str = "xla"  # one of ATTENTION_IMPLS
+    remat: str = "none"  # one of REMAT_POLICIES: what each block keeps for the backward pass
+    loss_chunk: int = 0  # positions of every row per step of the chunked cross-entropy; 0: whole rows at once
 
     @property
     def head_dim(self) -> int:
@@ -72,7 +79,19 @@ class GPTConfig:
             softcap=config.softcap,
             compute_dtype=config.compute_dtype,
             attention=attention,
+            remat=config.get("remat", "none"),
+            loss_chunk=loss_chunk_positions(config),
         )
+
+
+def loss_chunk_positions(config) -> int:
+    """The config's `loss_chunk` (tokens per device per chunk) as positions of every row: the loss sees a device's
+    `device_batch_size` rows at once. 0 (unchunked) when the chunk covers whole rows."""
+    tokens, rows = config.get("loss_chunk", 0), config.get("device_batch_size", 1)
+    if tokens <= 0:
+        return 0
+    positions = max(1, tokens // (rows if isinstance(rows, int) and rows > 0 else 1))
+    return 0 if positions >= config.sequence_len else positions
 
 
 def rms_norm(x):
@@ -352,16 +371,45 @@ class GPT(nnx.Module):
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, zero_init=True, rngs=rngs)
 
     def __call__(self, idx_BxT, positions_BxT=None, mask=None):
+        return softcapped_logits(self.cfg, self.hidden(idx_BxT, positions_BxT, mask), self.lm_head)
+
+    def hidden(self, idx_BxT, positions_BxT=None, mask=None):
+        """The residual stream after the last block (B, T, D), before the final norm and the head."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.compute_dtype)
         B, T = idx_BxT.shape
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rotary_tables(positions_BxT, cfg.head_dim, cfg.rope_base, dtype)
-        x = embed(cfg, self.wte[...], idx_BxT)
+        # Rows over every device: the gather would otherwise inherit the table's sharding (sharding.py says why).
+        x = sharding.constrain(embed(cfg, self.wte[...], idx_BxT), ("batch", None, None))
         for block in self.blocks:
-            x = block(x, cos, sin, mask)
-        return softcapped_logits(cfg, x, self.lm_head)
+            x = remat_block(cfg.remat, block, x, cos, sin, mask)
+        return x
+
+
+# Per-block rematerialisation: what a block keeps from its forward pass for the backward, the rest is recomputed.
+# "none" keeps everything (at d20, ~0.1 GiB per layer per 2,048-token row); "dots" keeps the outputs of the weight
+# matmuls (the attention kernel's own saved tensors are recomputed); "full" keeps only the block's input and recomputes
+# the whole block in the backward (one more forward pass: ~1/3 more FLOPs).
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat_block(remat: str, block, x, cos, sin, mask=None):
+    if remat == "none":
+        return block(x, cos, sin, mask)
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat {remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+    graphdef, state = nnx.split(block)
+
+    def run(state, x, cos, sin):
+        return nnx.merge(graphdef, state)(x, cos, sin, mask)
+
+    return jax.checkpoint(run, policy=REMAT_POLICIES[remat])(state, x, cos, sin)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -380,8 +428,63 @@ def abstract_params(cfg: GPTConfig):
     return graphdef, nnx.to_pure_dict(state)
 
 
+def compute_params(cfg: GPTConfig, params):
+    """The weights as the forward uses them: every matrix but the embedding table cast to the compute dtype, once,
+    while still sharded, so FSDP all-gathers bf16 (half the bytes, half the gathered copy). The fp32 masters stay with
+    the optimizer and get fp32 gradients, summed over the devices in fp32 (`sharded_cast`). The table stays fp32:
+    `embed` gathers its rows, then casts, so its backward is an fp32 scatter-add. The values are the ones `Linear`
+    would cast at use."""
+    dtype = jnp.dtype(cfg.compute_dtype)
+
+    def cast(path, p):
+        name = _param_name(path)
+        if name == "wte" or p.dtype == dtype:
+            return p
+        return sharded_cast(p, dtype, PARAM_AXES[name])
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def sharded_cast(p, dtype, axes):
+    """`p.astype(dtype)` pinned to the parameter's own (sharded) layout, so XLA casts the shard and gathers the cast
+    copy. Its backward upcasts the cotangent to p's dtype *before* pinning it to that layout: the devices' partial
+    gradients are reduce-scattered in fp32, not summed in bf16 (as a plain cast and constraint would do)."""
+    return sharding.constrain(p.astype(dtype), axes)
+
+
+def _sharded_cast_fwd(p, dtype, axes):
+    return sharded_cast(p, dtype, axes), jnp.zeros((), p.dtype)  # the residual only carries p's dtype
+
+
+def _sharded_cast_bwd(dtype, axes, like, g):
+    return (sharding.constrain(g.astype(like.dtype), axes),)
+
+
+sharded_cast.defvjp(_sharded_cast_fwd, _sharded_cast_bwd)
+
+
+def _param_name(path) -> str:
+    names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    return next(n for n in reversed(names) if n in PARAM_AXES)
+
+
+def compute_model(graphdef, params) -> GPT:
+    """The GPT merged from its fp32 params, with its weights as `compute_params` makes them."""
+    cfg = nnx.merge(graphdef, params).cfg  # the config is a static attribute of the graph (trace-time only)
+    return nnx.merge(graphdef, compute_params(cfg, params))
+
+
 def forward(graphdef, params, idx_BxT, positions_BxT=None, mask=None):
-    return nnx.merge(graphdef, params)(idx_BxT, positions_BxT, mask)
+    return compute_model(graphdef, params)(idx_BxT, positions_BxT, mask)
+
+
+def forward_losses(graphdef, params, inputs_BxT, targets_BxT, positions_BxT=None, mask=None):
+    """(per-token cross-entropy, valid mask), as `token_losses(forward(...), targets)` but without the full (B, T, V)
+    logits when the config chunks the loss (`chunked_token_losses`). Every training loss and the validation bpb use it."""
+    gpt = compute_model(graphdef, params)
+    x_BxTxD = gpt.hidden(inputs_BxT, positions_BxT, mask)
+    return chunked_token_losses(gpt.cfg, x_BxTxD, gpt.lm_head.kernel[...], targets_BxT)
 
 
 def token_losses(logits_BxTxV, targets_BxT):
@@ -393,9 +496,54 @@ def token_losses(logits_BxTxV, targets_BxT):
     return jnp.where(valid_BxT, logz_BxT - picked_BxT, 0.0), valid_BxT
 
 
+# The full fp32 logits of a d20 batch and their gradient cost ~1.5 GiB per 2,048-token row (vocab 65,536): more than
+# the rest of the step. The chunked loss runs head matmul -> softcap -> logsumexp -> picked logit on `cfg.loss_chunk`
+# positions of every row at a time, and its backward recomputes each chunk's logits (jax.checkpoint) instead of keeping
+# them, so only one chunk's logits ever exist. Same numbers as the unchunked loss; one more head matmul per token.
+#
+# Under a mesh the loop runs per device (shard_map) on the device's own rows with the whole head, gathered once: a loop
+# over globally sharded rows would all-gather the head and all-reduce its gradient in every iteration (at d20, 16
+# chunks x 0.3 GiB of each per micro-batch); here the head's gradient is summed over the devices once, after the loop.
+def chunked_token_losses(cfg: GPTConfig, x_BxTxD, head_DxV, targets_BxT):
+    """`token_losses(softcapped_logits(cfg, x, head), targets)`, `cfg.loss_chunk` positions at a time (0: at once)."""
+    T = x_BxTxD.shape[1]
+    if not cfg.loss_chunk or cfg.loss_chunk >= T:
+        return token_losses(softcapped_logits(cfg, x_BxTxD, lambda h: h @ head_DxV.astype(h.dtype)), targets_BxT)
+    # The head enters in fp32, so the backward sums the chunks' (and the devices') head gradients in fp32, where a bf16
+    # head's cotangent would be summed in bf16; casting it back to the compute dtype at use rounds nothing.
+    head = head_DxV.astype(jnp.float32)
+    losses = functools.partial(_chunked_losses, cfg)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        rows = jax.sharding.PartitionSpec(sharding.spec_for(("batch",), x_BxTxD.shape[:1], mesh)[0])  # None: replicated
+        # check_vma=False: the head's cotangent is summed over the devices once, at the shard_map's edge; with the
+        # checks on, JAX marks the head device-varying inside the loop body and sums it there, once per chunk.
+        losses = jax.shard_map(losses, mesh=mesh, in_specs=(rows, jax.sharding.PartitionSpec(), rows), out_specs=rows,
+                               check_vma=False)
+    return losses(x_BxTxD, head, targets_BxT), targets_BxT >= 0
+
+
+def _chunked_losses(cfg: GPTConfig, x_BxTxD, head_DxV, targets_BxT):
+    B, T, D = x_BxTxD.shape
+    c = cfg.loss_chunk
+    n = -(-T // c)
+    if n * c != T:  # pad the positions to whole chunks; padded targets are ignored
+        x_BxTxD = jnp.pad(x_BxTxD, ((0, 0), (0, n * c - T), (0, 0)))
+        targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, n * c - T)), constant_values=-1)
+
+    @jax.checkpoint
+    def chunk(args):
+        x_BxCxD, t_BxC = args
+        logits = softcapped_logits(cfg, x_BxCxD, lambda h: h @ head_DxV.astype(h.dtype))
+        return token_losses(logits, t_BxC)[0]
+
+    chunks = (x_BxTxD.reshape(B, n, c, D).swapaxes(0, 1), targets_BxT.reshape(B, n, c).swapaxes(0, 1))
+    return jax.lax.map(chunk, chunks).swapaxes(0, 1).reshape(B, n * c)[:, :T]
+
+
 def loss_fn(params, graphdef, inputs_BxT, targets_BxT):
     """Mean cross-entropy over the targets that are not ignored (−1)."""
-    losses_BxT, valid_BxT = token_losses(forward(graphdef, params, inputs_BxT), targets_BxT)
+    losses_BxT, valid_BxT = forward_losses(graphdef, params, inputs_BxT, targets_BxT)
     return losses_BxT.sum() / jnp.maximum(valid_BxT.sum(), 1)
 
 

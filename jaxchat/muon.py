@@ -14,14 +14,31 @@ Newton–Schulz itself is transpose-equivariant, so only the scale factor depend
 The momentum μ is an `update` argument (`tx.update(g, s, p, momentum=0.9)`): the host ramps it 0.85 → 0.95 over the
 first steps and passes it as a traced scalar, so changing it never recompiles. The coefficient schedule is a tuple of
 (a, b, c) triples, one per step, so Polar Express's per-step coefficients drop in unchanged.
+
+Distributed (the reference's DistMuon, in XLA's terms). Under a mesh (`muon(..., mesh=mesh)`, or the mesh the update is
+traced under: `jax.set_mesh`, `use_abstract_mesh`) whose distribution axis (`shard_axis`, default "fsdp", else the
+first axis with more than one device) has D > 1 devices, the devices divide the Newton–Schulz work instead of each
+orthogonalising every matrix whole (which made XLA shard each NS matmul and all-gather its operands: a dozen
+all-gathers per matrix per step, 1,500 of d20's 1,622 on 8 devices):
+- momentum stays per parameter, elementwise, in the parameter's own sharding (the optimizer state is unchanged);
+- the Nesterov updates are cast to the NS dtype and grouped by their *wide* orientation and sharding: a tall matrix is
+  transposed first (NS works on the wide side anyway, so this is exactly what `orthogonalize` does inside), so the MLP's
+  c_fc (d, 4d) and transposed c_proj (4d, d) form one group. Groups are stacked to (n, m, k), zero-padded to a multiple
+  of D (a zero matrix orthogonalises to zero: the padding costs no wall time, each device runs ceil(n/D) anyway);
+- one resharding per group moves the stack onto its leading axis (an all-to-all when the parameters are FSDP-sharded,
+  a local slice when they are replicated), each device runs batched NS on its n/D matrices, and one resharding per
+  group brings the results back to the parameters' own layout (`param_spec(path, shape, mesh)`, default replicated).
+Per matrix the arithmetic is the same as without a mesh (same casts, same norm, same iteration), so the two agree to
+rounding; with no mesh, or one device on the axis, the update is computed exactly as before, matrix by matrix.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 NS5 = ((3.4445, -4.7750, 2.0315),) * 5
 
@@ -72,6 +89,50 @@ def shape_scale(shape) -> float:
     return max(1.0, d_out / d_in) ** 0.5
 
 
+def distribution_axis(mesh, preferred: str | None = "fsdp") -> str | None:
+    """The mesh axis Muon divides its matrices over: `preferred` if the mesh has it with more than one device, else the
+    first axis that has more than one; None when there is nothing to divide (no mesh, one device)."""
+    if mesh is None or getattr(mesh, "empty", False):
+        return None
+    sizes = dict(mesh.shape)
+    if preferred is not None and sizes.get(preferred, 1) > 1:
+        return preferred
+    return next((name for name, size in sizes.items() if size > 1), None)
+
+
+def _constrain(x, mesh, spec: P):
+    # A concrete mesh gets a NamedSharding; an abstract one (jax.set_mesh, use_abstract_mesh) takes the bare spec.
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec)
+
+
+def orthogonalize_sharded(xs, specs, mesh, axis: str, coefficients=NS5, *, dtype=jnp.bfloat16, normalize_scale=1.0):
+    """`[orthogonalize(x) for x in xs]`, the work divided over the mesh axis `axis`: matrices of one wide shape and
+    layout are stacked, padded to a multiple of the axis size, sharded on the stack's leading axis, orthogonalised in a
+    batch, and resharded back to `specs` (each matrix's PartitionSpec). Returns the results in the NS dtype."""
+    n_dev = mesh.shape[axis]
+    groups: dict[tuple, list[int]] = {}
+    for i, (x, spec) in enumerate(zip(xs, specs)):
+        spec = tuple(spec) + (None,) * (2 - len(spec))
+        tall = x.shape[-2] > x.shape[-1]
+        key = (x.shape[::-1], spec[::-1]) if tall else (x.shape, spec)
+        groups.setdefault(key, []).append(i)
+    out = [None] * len(xs)
+    for (shape, spec), members in groups.items():
+        wide = [xs[i].astype(dtype) for i in members]
+        wide = [jnp.swapaxes(x, -1, -2) if x.shape != shape else x for x in wide]
+        stack = _constrain(jnp.stack(wide), mesh, P(None, *spec))
+        pad = -len(members) % n_dev
+        if pad:
+            stack = jnp.concatenate([stack, jnp.zeros((pad, *shape), dtype)])
+        stack = _constrain(stack, mesh, P(axis, None, None))  # each device now holds ceil(n/D) whole matrices
+        ortho = orthogonalize(stack, coefficients, dtype=dtype, normalize_scale=normalize_scale)
+        ortho = _constrain(ortho, mesh, P(axis, None, None))  # NS stays on the shares: no resharding inside it
+        ortho = _constrain(ortho, mesh, P(None, *spec))[: len(members)]  # back to the parameters' layout
+        for j, i in enumerate(members):
+            out[i] = jnp.swapaxes(ortho[j], -1, -2) if xs[i].shape != shape else ortho[j]
+    return out
+
+
 def muon(
     learning_rate: float,
     *,
@@ -79,8 +140,15 @@ def muon(
     nesterov: bool = True,
     coefficients=NS5,
     ns_dtype=jnp.bfloat16,
+    mesh=None,
+    param_spec: Callable | None = None,
+    shard_axis: str | None = "fsdp",
 ) -> optax.GradientTransformationExtraArgs:
-    """Muon for a pytree of 2-D (in, out) matrices. `momentum` may be overridden per step as an update argument."""
+    """Muon for a pytree of 2-D (in, out) matrices. `momentum` may be overridden per step as an update argument.
+
+    `mesh` (a Mesh or AbstractMesh; None: the mesh the update is traced under, if any) divides Newton–Schulz over its
+    `shard_axis` (see the module docstring); `param_spec(path, shape, mesh) -> PartitionSpec` gives each parameter's
+    layout, so the results go straight back to it (default: replicated)."""
     coefficients = tuple(coefficients)
     normalize_scale = 1.01 if coefficients == POLAR_EXPRESS else 1.0
 
@@ -94,17 +162,26 @@ def muon(
         del params, unused_extra_args
         mu = jnp.asarray(momentum, jnp.float32)
 
-        def step(g, buf):
+        def nesterov_step(g, buf):
             g = g.astype(jnp.float32)
             buf = buf + (1.0 - mu) * (g - buf)
             g = g + mu * (buf - g) if nesterov else buf
-            x = orthogonalize(g, coefficients, dtype=ns_dtype, normalize_scale=normalize_scale)
-            return -learning_rate * shape_scale(g.shape) * x.astype(jnp.float32), buf
+            return g, buf
 
-        grads, treedef = jax.tree.flatten(updates)
+        with_paths, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        paths = [path for path, _ in with_paths]
         buffers = treedef.flatten_up_to(state.momentum_buffer)
-        results = [step(g, buf) for g, buf in zip(grads, buffers)]
-        new_updates = treedef.unflatten([u for u, _ in results])
-        return new_updates, MuonState(treedef.unflatten([buf for _, buf in results]))
+        stepped = [nesterov_step(g, buf) for (_, g), buf in zip(with_paths, buffers)]
+        gs = [g for g, _ in stepped]
+        layout = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+        axis = distribution_axis(layout, shard_axis)
+        if axis is None:  # one device: each matrix whole, as it always was
+            xs = [orthogonalize(g, coefficients, dtype=ns_dtype, normalize_scale=normalize_scale) for g in gs]
+        else:
+            specs = [param_spec(path, g.shape, layout) if param_spec else P() for path, g in zip(paths, gs)]
+            xs = orthogonalize_sharded(gs, specs, layout, axis, coefficients, dtype=ns_dtype,
+                                       normalize_scale=normalize_scale)
+        new_updates = [-learning_rate * shape_scale(g.shape) * x.astype(jnp.float32) for g, x in zip(gs, xs)]
+        return treedef.unflatten(new_updates), MuonState(treedef.unflatten([buf for _, buf in stepped]))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxchat import sharding
 from jaxchat.muon import coefficients, muon
 
 GROUPS = ("muon", "embedding", "unembedding")
@@ -46,9 +47,18 @@ def labels(params):
     return jax.tree_util.tree_map_with_path(label_for, params)
 
 
-def make_optimizer(config, derived) -> optax.GradientTransformationExtraArgs:
+def param_spec(path, shape, mesh):
+    """A parameter's PartitionSpec on `mesh` by the sharding rules (what sharding.param_shardings gives it)."""
+    return sharding.spec_for(sharding.logical_axes(path), shape, mesh)
+
+
+def make_optimizer(config, derived, mesh=None) -> optax.GradientTransformationExtraArgs:
     """clip_by_global_norm, then multi_transform(Muon, AdamW, AdamW) at the derived learning rates (before the lr
-    multiplier)."""
+    multiplier).
+
+    `mesh`: the training mesh, so Muon divides its Newton–Schulz work over the devices (muon.py's docstring). Without
+    it Muon uses the mesh the step is traced under (`jax.set_mesh`), if any; with neither, or one device, every device
+    orthogonalises every matrix, as on one GPU. The optimizer state is the same either way."""
 
     def adamw(lr):
         return optax.adamw(
@@ -59,7 +69,7 @@ def make_optimizer(config, derived) -> optax.GradientTransformationExtraArgs:
         "muon": muon(
             derived.matrix_lr, momentum=config.muon_momentum_end,
             coefficients=coefficients(config.muon_coefficients, config.muon_ns_steps),
-            ns_dtype=jnp.dtype(config.muon_ns_dtype),
+            ns_dtype=jnp.dtype(config.muon_ns_dtype), mesh=mesh, param_spec=param_spec,
         ),
         "embedding": adamw(derived.embedding_lr),
         "unembedding": adamw(derived.unembedding_lr),
@@ -71,7 +81,6 @@ def make_optimizer(config, derived) -> optax.GradientTransformationExtraArgs:
     # Always a chain, so the optimizer state has one structure whether clipping is on or off (both keep no state).
     clip = optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity()
     return optax.chain(clip, groups)
-
 
 
 def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float) -> float:

@@ -45,7 +45,7 @@ def build_rows(rows_tokens: list[list[int]], rows_masks: list[list[int]], pad_id
 
 def pg_loss(params, graphdef, inputs_BxT, targets_BxT, advantages_B):
     """−Σ log p(sampled token) · advantage of its row, over the valid targets, / their count."""
-    nll_BxT, valid_BxT = model.token_losses(model.forward(graphdef, params, inputs_BxT), targets_BxT)
+    nll_BxT, valid_BxT = model.forward_losses(graphdef, params, inputs_BxT, targets_BxT)  # chunked, as loss_fn
     objective = jnp.sum(-nll_BxT * advantages_B[:, None])  # nll is 0 where invalid
     return -objective / jnp.maximum(valid_BxT.sum(), 1)
 

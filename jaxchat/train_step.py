@@ -49,7 +49,12 @@ def jit_train_step(graphdef, tx, *, param_shardings, state_shardings, batch_shar
                    row_keys: tuple[str, ...] = ()):
     """The jitted step with explicit shardings in and out, params and optimizer state donated. `row_keys` name extra
     per-row (A, B) batch arrays the loss takes after inputs and targets (RL's advantages)."""
-    step = functools.partial(train_step, graphdef, tx, loss_fn=loss_fn)
+    mesh = batch_sharding.mesh
+
+    def step(params, opt_state, batch, hparams):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # so the model can pin its activations' sharding
+            return train_step(graphdef, tx, params, opt_state, batch, hparams, loss_fn=loss_fn)
+
     row_sharding = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec(*batch_sharding.spec[:2]))
     batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding, **{k: row_sharding for k in row_keys}}
     return jax.jit(

@@ -93,13 +93,30 @@ step() {
   local name=$1; shift
   if [[ -f "$STATE/$name.done" ]]; then echo "== $name: done earlier, skipping"; return; fi
   echo "== $name: $*"
-  local t0=$SECONDS
+  local t0=$SECONDS rc
   "$@" 2>&1 | tee -a "$STATE/logs/$name.log"
+  rc=${PIPESTATUS[0]}
+  [[ $rc == 0 ]] || return "$rc"
   touch "$STATE/$name.done"
   echo "== $name: finished in $((SECONDS - t0))s"
 }
 
-# ---- 2. Data: 8 shards now (enough for the tokenizer), the rest and the task datasets in the background
+# ---- 2. Will it fit? The real train step and engine compiled for this node's GPUs, on the CPU, before anything is
+# downloaded or trained (python -m jaxchat.dryrun: XLA's per-device memory at JAX's default 75% preallocation).
+if [[ $CPU == 0 ]]; then
+  NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  [[ "${NGPU:-0}" -gt 0 ]] || NGPU=8  # no nvidia-smi here: plan for the 8-GPU node the recipe is for
+  GPU_GIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n1 \
+            | awk '{printf "%d", $1 / 1024}' || true)
+  if ! step dryrun "$PY" -m jaxchat.dryrun "${ARGS[@]}" --devices="${NGPU:-8}" --device-memory-gib="${GPU_GIB:-80}"; then
+    echo "speedrun: stopped before training: the dry run says this config does not fit ${NGPU:-8} GPUs of" \
+         "${GPU_GIB:-80} GiB (see $STATE/logs/dryrun.log); lower --config.device_batch_size or set" \
+         "--config.remat" >&2
+    exit 1
+  fi
+fi
+
+# ---- 3. Data: 8 shards now (enough for the tokenizer), the rest and the task datasets in the background
 DOWNLOAD_PID="" TASKS_PID=""
 if [[ $OFFLINE == 0 ]]; then
   step data-first "$PY" -m jaxchat.data.download -n 8
@@ -118,29 +135,29 @@ wait_for() {  # wait_for PID WHAT: a failed background download stops the run he
   wait "$1" || { echo "error: $2 failed; see $STATE/logs/$3.log, then re-run this script" >&2; exit 1; }
 }
 
-# ---- 3. Tokenizer (trained on the first shards, while the rest download)
+# ---- 4. Tokenizer (trained on the first shards, while the rest download)
 if [[ -f "$JAXCHAT_HOME/tokenizer/$TOKENIZER/tokenizer.json" ]]; then touch "$STATE/tokenizer.done"; fi
 step tokenizer "$PY" train.py "${ARGS[@]}" --stage=tokenizer
 
-# ---- 4. Base pretraining, then CORE
+# ---- 5. Base pretraining, then CORE
 wait_for "$DOWNLOAD_PID" "the download of $SHARDS shards" data-all
 step base "$PY" train.py "${ARGS[@]}" --stage=base
 step eval-base "$PY" -m jaxchat.evaluate "${ARGS[@]}" --stage=base
 
-# ---- 5. Mid-training and SFT, each followed by the chat evaluations
+# ---- 6. Mid-training and SFT, each followed by the chat evaluations
 wait_for "$TASKS_PID" "the task datasets" tasks
 step mid "$PY" train.py "${ARGS[@]}" --stage=mid
 step eval-mid "$PY" -m jaxchat.evaluate "${ARGS[@]}" --stage=mid
 step sft "$PY" train.py "${ARGS[@]}" --stage=sft
 step eval-sft "$PY" -m jaxchat.evaluate "${ARGS[@]}" --stage=sft
 
-# ---- 6. Optional RL on GSM8K
+# ---- 7. Optional RL on GSM8K
 if [[ $WITH_RL == 1 ]]; then
   step rl "$PY" train.py "${ARGS[@]}" --stage=rl
   step eval-rl "$PY" -m jaxchat.evaluate "${ARGS[@]}" --stage=rl
 fi
 
-# ---- 7. The report card (always re-rendered: it is cheap and reflects whatever has run)
+# ---- 8. The report card (always re-rendered: it is cheap and reflects whatever has run)
 "$PY" -m jaxchat.evaluate.report "${ARGS[@]}" 2>&1 | tee "$STATE/logs/report.log"
 echo "speedrun: done. Report: $JAXCHAT_HOME/runs/$RUN/report.md"
 echo "chat with it: $PY -m jaxchat.chat ${ARGS[*]} --stage=$([[ $WITH_RL == 1 ]] && echo rl || echo sft)"

@@ -77,3 +77,47 @@ def test_dry_run_compiles_the_step_and_engine_for_emulated_devices_and_says_whet
 def test_dry_run_rejects_unknown_arguments():
     r = run_dryrun("--devicez=4")
     assert r.returncode == 2 and "unknown argument" in r.stderr
+
+
+def _activation_collectives(hlo: str, seq: int) -> list[tuple[str, int]]:
+    """(line, bytes) of the collectives whose result has a sequence-length dimension: activations or token ids (no
+    weight here has that size)."""
+    found = []
+    for line in hlo.splitlines():
+        m = dryrun._COLLECTIVE.search(line)
+        if m and any(str(seq) in dims.split(",") for _, dims in dryrun._SHAPE.findall(m.group(1))):
+            found.append((line.strip()[:160], dryrun.shape_bytes(m.group(1))))
+    return found
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("mesh_data,mesh_fsdp", [(1, 4), (4, 1), (2, 2)])
+def test_activations_stay_batch_sharded_and_only_weights_and_gradients_move(mesh_data, mesh_fsdp):
+    import jax
+
+    from jaxchat import config as C
+
+    # T = 96 is no weight's dimension (width 256, MLP 1,024, vocab 512, heads of 64), so any collective with a
+    # 96-long axis moves activations or token ids. Four layers: a collective per layer would show.
+    B, T = 5, 96  # 20 rows in all: no other array of the step has a 20 x 96 shape
+    cfg, _ = C.parse_args(["--config=configs/tiny.py", "--config.depth=4", "--config.vocab_size=512",
+                           f"--config.sequence_len={T}", f"--config.device_batch_size={B}",
+                           f"--config.mesh_data={mesh_data}", f"--config.mesh_fsdp={mesh_fsdp}"])
+    prog = dryrun.TrainProgram(cfg, "chunked", jax.devices()[:4])
+    hlo = prog.compiled.as_text()
+    moved = _activation_collectives(hlo, T)
+    if mesh_fsdp == 1:
+        assert moved == []
+    else:
+        # With the table split on `embed`, the lookup itself re-shards the looked-up rows (an all-to-all each way) and
+        # gathers the token ids: one embedding's worth, never a collective per layer.
+        rows_bytes = B * T * 256 * 4
+        assert sum(b for _, b in moved) <= 2 * rows_bytes + 4 * B * T * 4, moved
+    # Each device computes on its own B rows, never the global 4·B (only the token ids are gathered, above).
+    assert f"f32[{4 * B},{T}" not in hlo and f"f32[{B},{T}" in hlo
+    c = dryrun.collective_bytes(hlo)
+    param_bytes = 4 * prog.d.num_params
+    if mesh_fsdp == 1:  # pure data parallelism: weights replicated; gradient all-reduces, Muon's gathered updates
+        assert c["all-to-all"]["count"] == 0 and c["all-gather"]["bytes"] <= param_bytes

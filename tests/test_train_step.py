@@ -144,3 +144,16 @@ def test_logged_grad_norm_is_measured_before_clipping():
     assert raw_norm > 0.5  # so the step clips
     _, _, metrics = step(params, opt_state, batch, optim.schedule(c, d, 0))
     assert float(metrics["grad_norm"]) == pytest.approx(raw_norm, rel=1e-5)
+
+
+def test_remat_and_chunked_loss_leave_the_sharded_step_unchanged(single_device_run):
+    """The memory settings (per-block remat, the loss 4 positions of every row at a time) on a data+fsdp mesh: the
+    same losses and weights as the plain step on one device."""
+    c, (losses_1, params_1) = single_device_run
+    c = c.copy_and_resolve_references()
+    c.update(dict(remat="full", loss_chunk=8))  # 8 tokens over device_batch_size=2 rows: 4 positions per chunk
+    assert model.GPTConfig.from_config(c).loss_chunk == 4
+    losses, params = run(c, (2, 2))
+    np.testing.assert_allclose(losses, losses_1, rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_1)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)

@@ -17,7 +17,8 @@ from jaxchat import model
 
 
 def batch_nats_and_bytes(graphdef, params, inputs_BxT, targets_BxT, token_bytes_V):
-    losses_BxT, valid_BxT = model.token_losses(model.forward(graphdef, params, inputs_BxT), targets_BxT)
+    # The training loss's own path: no full (B, T, V) logits at the training batch size when the loss is chunked.
+    losses_BxT, valid_BxT = model.forward_losses(graphdef, params, inputs_BxT, targets_BxT)
     bytes_BxT = jnp.where(valid_BxT, token_bytes_V[jnp.where(valid_BxT, targets_BxT, 0)], 0)
     counted_BxT = bytes_BxT > 0
     return jnp.sum(jnp.where(counted_BxT, losses_BxT, 0.0)), jnp.sum(bytes_BxT)
@@ -27,9 +28,17 @@ def bits_per_byte(total_nats: float, total_bytes: int) -> float:
     return total_nats / (math.log(2) * total_bytes) if total_bytes > 0 else float("inf")
 
 
-def make_evaluator(graphdef, token_bytes: np.ndarray, batch_sharding=None):
-    """A function (params, batches) -> bpb that compiles once for the batch shape."""
-    fn = jax.jit(lambda p, x, y, tb: batch_nats_and_bytes(graphdef, p, x, y, tb))
+def make_evaluator(graphdef, token_bytes: np.ndarray, mesh=None):
+    """A function (params, batches) -> bpb that compiles once for the batch shape. Under the training `mesh` the
+    forward is traced as the train step's is, so its activations stay split over the rows (sharding.constrain)."""
+
+    def nats_and_bytes(p, x, y, tb):
+        if mesh is None:
+            return batch_nats_and_bytes(graphdef, p, x, y, tb)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return batch_nats_and_bytes(graphdef, p, x, y, tb)
+
+    fn = jax.jit(nats_and_bytes)
     token_bytes_V = jnp.asarray(token_bytes, jnp.int32)
 
     def evaluate(params, batches: Iterable[dict], place=lambda b: b) -> float:
