@@ -14,12 +14,13 @@ It also splits the pipeline's wall time into the tokenizer's calls and the rest 
 under the GIL, so it does not get faster with more cores or threads), and from that gives one process's ceiling
 with unlimited tokenizer cores (an upper bound: GIL-held work inside the tokenizer's calls, such as turning ids into
 Python lists, counts as the tokenizer's). `--threads N` runs N pipelines (disjoint reader slots, as one process with N slots
-would) on N threads at once. `--tokenizer tiktoken` encodes with tiktoken over the trained BPE's ranks (identical ids,
-bench/tokenizer.py). Last, what a node needs: tokens/s of 8 H100s at 50% MFU for d12 and d20 (FLOPs per token from
+would) on N threads at once. `--tokenizer tiktoken` is jaxchat's own encoder (tiktoken over the trained BPE's ranks:
+identical ids, Tokenizer.fast_encoder), `--tokenizer hf` the HF encoder it replaces (JAXCHAT_TOKENIZER=hf). Last,
+what a node needs: tokens/s of 8 H100s at 50% MFU for d12 and d20 (FLOPs per token from
 jaxchat.config.derive), and the processes or cores that reach twice that at the measured rates.
 
     python bench/dataloader.py [--batch-size 32] [--seq-len 2048] [--seconds 10] [--packing stream|bestfit]
-                               [--tokenizer bpe|tiktoken|byte] [--threads N]
+                               [--tokenizer tiktoken|hf|byte] [--threads N]
 Last line: one JSON object.
 """
 import argparse
@@ -67,22 +68,6 @@ def cpu_seconds() -> float:
     return t.user + t.system
 
 
-class TiktokenTokenizer:
-    """The trained BPE's ranks in tiktoken (the same ids: bench/tokenizer.py checks it), encode_batch on all cores."""
-
-    def __init__(self, tok):
-        import tiktoken
-
-        from jaxchat.tokenizer import SPLIT_PATTERN
-
-        ranks = {tok.token_to_bytes(i): i for i in range(tok.vocab_size - 9)}  # the 9 specials are the last ids
-        self._enc = tiktoken.Encoding("jaxchat", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={})
-        self.vocab_size, self.bos_id = tok.vocab_size, tok.bos_id
-
-    def encode_batch(self, texts, prepend=None, append=None):
-        return [[prepend] + ids for ids in self._enc.encode_ordinary_batch(texts, num_threads=os.cpu_count())]
-
-
 class Timed:
     """A tokenizer whose encode_batch calls are timed (wall seconds, summed over threads)."""
 
@@ -105,7 +90,10 @@ def build_tokenizer(kind: str, train_paths, vocab_size: int):
     t0 = time.perf_counter()
     tok = Tokenizer.train(shards.iter_texts(train_paths), vocab_size)
     train_s = time.perf_counter() - t0
-    return (TiktokenTokenizer(tok) if kind == "tiktoken" else tok), train_s
+    if (tok.fast_encoder() is None) != (kind == "hf"):
+        raise SystemExit(f"--tokenizer {kind}: this process encodes with "
+                         f"{'HF' if tok.fast_encoder() is None else 'tiktoken'} (JAXCHAT_TOKENIZER, tiktoken installed?)")
+    return tok, train_s
 
 
 def node_needs(rate_per_process: float, rate_per_cpu_s: float, ceiling: float) -> dict:
@@ -161,7 +149,7 @@ def run(argv, home: Path):
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--corpus", choices=("stdlib", "tiny"), default="stdlib")
-    ap.add_argument("--tokenizer", choices=("bpe", "tiktoken", "byte"), default="bpe")
+    ap.add_argument("--tokenizer", choices=("tiktoken", "hf", "byte"), default="tiktoken")
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--packing", choices=("bestfit", "stream"), default="bestfit")
     ap.add_argument("--threads", type=int, default=1, help="also run this many pipelines on as many threads")
@@ -175,6 +163,8 @@ def run(argv, home: Path):
     else:
         train_paths = stdlib_shards(home / "stdlib")
     gen_s = time.perf_counter() - t0
+    if args.tokenizer == "hf":
+        os.environ["JAXCHAT_TOKENIZER"] = "hf"
     tok, tok_train_s = build_tokenizer(args.tokenizer, train_paths, args.vocab_size)
 
     # the tokenizer alone, on one epoch of the same docs in the pipeline's batches of 128

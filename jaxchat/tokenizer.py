@@ -239,17 +239,42 @@ class Tokenizer:
         take an id or a special's name (e.g. "<|bos|>")."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__} (use encode_batch for lists)")
-        return self._ref(prepend) + self._hf.encode(text, add_special_tokens=False).ids + self._ref(append)
+        return self.encode_batch([text], prepend, append)[0]
 
     def encode_batch(self, texts: list[str], prepend: TokenRef = None, append: TokenRef = None) -> list[list[int]]:
-        """Encode many texts on all cores (HF's rayon pool; `TOKENIZERS_PARALLELISM=false` turns it off)."""
+        """Encode many texts on all cores: with tiktoken over this BPE's own ranks where it is installed (the same ids,
+        ~4x faster: `fast_encoder`), else HF's (its rayon pool; `TOKENIZERS_PARALLELISM=false` turns that off)."""
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of str, got one str (use encode)")
-        _warn_if_parallelism_off()
         head, tail = self._ref(prepend), self._ref(append)
+        fast = self.fast_encoder()
+        if fast is not None:
+            return [head + ids + tail for ids in fast.encode_ordinary_batch(list(texts), num_threads=os.cpu_count())]
+        _warn_if_parallelism_off()
         # encode_batch_fast skips character offsets, which we never use.
         encodings = self._hf.encode_batch_fast(list(texts), add_special_tokens=False)
         return [head + e.ids + tail for e in encodings]
+
+    def fast_encoder(self):
+        """tiktoken's `Encoding` over this BPE's ranks, or None where tiktoken is missing or JAXCHAT_TOKENIZER=hf.
+
+        The same split pattern and the same merges (a byte-level BPE's ids are its merge ranks) give the same ids as
+        HF's encoder; tests hold the two to each other. tiktoken is ~4x faster to encode (bench/RESULTS.md: 2.65 M vs
+        0.6 M tokens per CPU-second in the pretraining pipeline), because HF spends most of its time building
+        offset-tracking pre-tokens: at d12 on 8 GPUs the loader needs 7.6 M tokens/s, which HF cannot reach in one
+        process on these cores."""
+        if not hasattr(self, "_fast"):
+            self._fast = None
+            if os.environ.get("JAXCHAT_TOKENIZER", "").lower() != "hf":
+                try:
+                    import tiktoken
+                except ImportError:
+                    pass
+                else:
+                    n = self._vocab_size - len(SPECIAL_TOKENS)
+                    self._fast = tiktoken.Encoding(f"jaxchat-{n}", pat_str=SPLIT_PATTERN, special_tokens={},
+                                                   mergeable_ranks={self._raw[i]: i for i in range(n)})
+        return self._fast
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """ids -> the raw bytes they stand for (may end mid-character)."""

@@ -99,6 +99,18 @@ def test_encode_batch_equals_encode(tok):
     assert tok.encode_batch(texts, prepend="<|bos|>", append=5) == [tok.encode(t, prepend="<|bos|>", append=5) for t in texts]
 
 
+def test_tiktoken_over_our_ranks_gives_the_ids_of_the_hf_encoder(tok, monkeypatch):
+    """encode_batch uses tiktoken (faster) where it is installed; it must be the same tokenizer, text for text."""
+    pytest.importorskip("tiktoken")
+    texts = list(SAMPLES.values()) + make_corpus(200, seed=1) + ["a <|bos|> b <|assistant_end|>", " " * 40 + "x" * 300]
+    assert tok.fast_encoder() is not None
+    fast = tok.encode_batch(texts, prepend="<|bos|>")
+    monkeypatch.setenv("JAXCHAT_TOKENIZER", "hf")
+    hf_tok = Tokenizer(tok._hf)  # a fresh instance reads the switch
+    assert hf_tok.fast_encoder() is None
+    assert hf_tok.encode_batch(texts, prepend="<|bos|>") == fast
+
+
 def test_prepend_and_append_take_names_or_ids(tok):
     body = tok.encode("hello")
     assert tok.encode("hello", prepend="<|bos|>") == [tok.bos_id, *body]
