@@ -13,12 +13,11 @@ import logging
 import sys
 import threading
 
-from jaxchat.config import parse_args
+from jaxchat.config import parse_command
 
 
 def parse_cli(argv: list[str]):
-    ap = argparse.ArgumentParser(prog="python serve.py", description="Serve a jaxchat model: web chat + OpenAI API. "
-                                 "Also takes --config=configs/<name>.py (required) and --config.<field>=<value>.")
+    ap = argparse.ArgumentParser(prog="python serve.py", description="Serve a jaxchat model: web chat + OpenAI API.")
     ap.add_argument("--stage", default="sft", help="checkpoint stage: base, mid, sft, rl (default sft)")
     ap.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")
     ap.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 exposes it to the network)")
@@ -30,10 +29,7 @@ def parse_cli(argv: list[str]):
                     help="rows decoded together (rounded up to a power of two); sizes the KV cache")
     ap.add_argument("--queue-size", type=int, default=256, help="requests that may wait for a row before 429s")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    if "-h" in argv or "--help" in argv:
-        ap.parse_args(["--help"])
-    config, rest = parse_args(argv)
-    args = ap.parse_args(rest)
+    config, args = parse_command(argv, ap)
     if not 0 <= args.temperature <= 2 or not 0 <= args.top_k <= 200 or not 1 <= args.max_tokens <= 4096:
         ap.error("defaults must respect the API's limits: temperature 0-2, top-k 0-200, max tokens 1-4096")
     return config, args

@@ -2,27 +2,22 @@
 
 Re-running a stage resumes it from its latest checkpoint; --stage=all runs every stage in order.
 """
+import argparse
 import logging
 import sys
 
 from jaxchat import config as C
 from jaxchat import sharding, stages
 
-USAGE = "usage: python train.py --config=configs/<name>.py --stage={" + "|".join(stages.STAGES + ("all",)) + "} [--config.x=y ...]"
-
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(prog="python train.py", description=__doc__.split("\n\n")[1].strip())
+    ap.add_argument("--stage", required=True, choices=stages.STAGES + ("all",),
+                    help="what to train (all: every stage in order)")
     try:
-        config, rest = C.parse_args(argv)
-        stage = None
-        for arg in rest:
-            if arg.startswith("--stage="):
-                stage = arg.split("=", 1)[1]
-            else:
-                raise C.ConfigError(f"unknown argument {arg!r}\n{USAGE}")
-        if stage not in stages.STAGES + ("all",):
-            raise C.ConfigError(f"--stage must be one of {', '.join(stages.STAGES + ('all',))}\n{USAGE}")
+        config, args = C.parse_command(argv, ap)
+        stage = args.stage
         sharding.initialize_distributed()
         import jax
 

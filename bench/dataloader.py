@@ -99,12 +99,13 @@ def build_tokenizer(kind: str, train_paths, vocab_size: int):
 def node_needs(rate_per_process: float, rate_per_cpu_s: float, ceiling: float) -> dict:
     """Tokens/s of one 8-H100 node at 50% MFU for d12 and d20, and what reaches twice that at the measured rates."""
     from jaxchat import config as C
+    from jaxchat.hardware import PEAK_FLOPS
 
     out = {}
     for depth in (12, 20):
         c = C.default_config()
         c.depth = depth
-        need = 0.5 * 8 * C.PEAK_FLOPS["H100"] / C.derive(c, 8).flops_per_token
+        need = 0.5 * 8 * PEAK_FLOPS["H100"] / C.derive(c, 8).flops_per_token
         out[f"d{depth}"] = {"tokens_per_s_at_50pct_mfu": round(need),
                             "processes_for_2x": math.ceil(2 * need / rate_per_process),
                             "cores_for_2x": round(2 * need / rate_per_cpu_s, 1),

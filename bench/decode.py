@@ -11,12 +11,13 @@ Roofline: a decode step must read every weight once (bf16 when the config comput
 gather and is left out) plus each row's KV cache. The engine attends over its whole cache bucket S, so the KV bytes read
 per row are S · kv_bytes_per_token. Ceiling tokens/s = B · peak_bw / (weight_bytes + B · kv_read); MBU = achieved
 bytes/s over peak_bw. peak_bw is `--bandwidth` (e.g. the copy bandwidth bench/gpu_check.py measured) or the device's
-nominal figure (jaxchat.config.PEAK_BANDWIDTH); unknown device (CPU included) → no roofline.
+nominal figure (jaxchat.hardware.PEAK_BANDWIDTH); unknown device (CPU included) → no roofline.
 
 Defaults fit the config: nanochat's own benchmark grid is a 1,792-token prompt and 256 new tokens in a 2,048 context,
 so decode defaults to min(256, sequence_len / 8) tokens and the prompt to the rest of the context. Last line: one JSON
 object.
 """
+import argparse
 import json
 import statistics
 import sys
@@ -30,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxchat import config as C  # noqa: E402
-from jaxchat import engine, model  # noqa: E402
+from jaxchat import engine, hardware, model  # noqa: E402
 
 def weight_bytes(params) -> int:
     """Bytes a decode step reads from weights: everything but the embedding table (a B-row gather)."""
@@ -48,14 +49,14 @@ def bench_batch(cfg, params, prompt, B, decode_tokens, temperature, max_top_k):
     tokens = np.zeros((1, T), np.int32)
     tokens[0, :len(prompt)] = prompt
     lengths = np.asarray([len(prompt)], np.int32)
-    keys = engine.row_keys(np.zeros(B, np.uint32), np.arange(B, dtype=np.uint32))
-    temp, top_k = np.full(B, temperature, np.float32), np.zeros(B, np.int32)
+    s = engine.Sampling.rows(np.zeros(B), np.arange(B), np.full(B, temperature), np.zeros(B), np.ones(B))
 
     def run_prefill():
-        cache = engine.KVCache.zeros(cfg, B, S)
+        cache = model.KVCache.zeros(cfg, B, S)
         jax.block_until_ready(cache)
         t = time.perf_counter()
-        nxt, cache = engine.prefill(cfg, max_top_k, params, cache, tokens, lengths, keys, temp, top_k)
+        nxt, fresh = engine.prefill(cfg, max_top_k, params, tokens, lengths, s)
+        cache = engine.insert(cache, fresh, np.int32(0), B)
         np.asarray(nxt)
         return time.perf_counter() - t, nxt, cache
 
@@ -64,7 +65,7 @@ def bench_batch(cfg, params, prompt, B, decode_tokens, temperature, max_top_k):
     steps, compile_decode = [], None
     for i in range(decode_tokens):
         t = time.perf_counter()
-        nxt, cache = engine.decode_step(cfg, max_top_k, params, cache, nxt, keys, np.int32(i + 1), temp, top_k)
+        nxt, cache = engine.decode(cfg, max_top_k, params, cache, nxt, np.full(B, i + 1, np.int32), s)
         np.asarray(nxt)  # the engine's host loop reads every column
         (steps.append if i else lambda s: None)(time.perf_counter() - t)
         if i == 0:
@@ -82,14 +83,14 @@ def measure(config, batch_sizes=(1, 8, 32, 128), prompt_tokens: int | None = Non
         raise SystemExit(f"--prompt-tokens={prompt_tokens} + --decode-tokens={decode_tokens} must fit the context "
                          f"(sequence_len {config.sequence_len}) with a prompt of at least one token")
     device = jax.devices()[0]
-    cfg = model.GPTConfig.from_config(config)
+    cfg = C.model_config(config)
     dtype = jnp.dtype(cfg.compute_dtype)
     params = jax.jit(lambda: jax.tree.map(lambda x: x.astype(dtype), model.init(cfg, config.seed)[1]))()
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size - 9, prompt_tokens).tolist()
     max_top_k = min(engine.DEFAULT_MAX_TOP_K, cfg.vocab_size)
 
     w_bytes, kv_tok = weight_bytes(params), kv_bytes_per_token(cfg)
-    bw = bandwidth or C.peak_bandwidth(device.device_kind)
+    bw = bandwidth or hardware.peak_bandwidth(device.device_kind)
     card = {"device": device.device_kind, "platform": device.platform, "config": config.run,
             "params": model.num_params(params), "compute_dtype": cfg.compute_dtype, "weight_bytes": w_bytes,
             "kv_bytes_per_token": kv_tok, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
@@ -105,7 +106,7 @@ def measure(config, batch_sizes=(1, 8, 32, 128), prompt_tokens: int | None = Non
         r["roofline_tokens_per_s"] = B * bw / step_bytes if bw else None
         r["mbu"] = step_bytes / r["tpot_s"] / bw if bw else None
         r["prefill_tokens_per_s"] = prompt_tokens / r["ttft_s"]
-        r["prefill_mfu"] = C.mfu(flops_per_token, r["prefill_tokens_per_s"], device.device_kind, 1)
+        r["prefill_mfu"] = hardware.mfu(flops_per_token, r["prefill_tokens_per_s"], device.device_kind, 1)
         rows.append(r)
         roof = f"{r['roofline_tokens_per_s']:,.0f}" if bw else "n/a"
         mbu = f"{100 * r['mbu']:.1f}%" if bw else "n/a"
@@ -115,13 +116,16 @@ def measure(config, batch_sizes=(1, 8, 32, 128), prompt_tokens: int | None = Non
 
 
 def main(argv):
-    config, rest = C.parse_args(argv)
-    opts = dict(a.lstrip("-").split("=", 1) for a in rest)
-    out = measure(config, [int(b) for b in opts.get("batch-sizes", "1,8,32,128").split(",")],
-                  int(opts["prompt-tokens"]) if "prompt-tokens" in opts else None,
-                  int(opts["decode-tokens"]) if "decode-tokens" in opts else None,
-                  float(opts.get("temperature", 0.0)),
-                  float(opts["bandwidth"]) if "bandwidth" in opts else None)
+    ap = argparse.ArgumentParser(prog="python bench/decode.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--batch-sizes", default="1,8,32,128", metavar="B,B,...", help="rows decoded together, each run")
+    ap.add_argument("--prompt-tokens", type=int, default=None, metavar="N", help="default: the context's rest")
+    ap.add_argument("--decode-tokens", type=int, default=None, metavar="N", help="default: min(256, sequence_len / 8)")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--bandwidth", type=float, default=None, metavar="BYTES_PER_S",
+                    help="HBM bytes/s for the roofline (default: the device's nominal figure)")
+    config, args = C.parse_command(argv, ap)
+    out = measure(config, [int(b) for b in args.batch_sizes.split(",")], args.prompt_tokens, args.decode_tokens,
+                  args.temperature, args.bandwidth)
     print(json.dumps(out))
 
 

@@ -19,8 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 
-from jaxchat import model  # noqa: E402
-from jaxchat.config import parse_args  # noqa: E402
+from jaxchat.config import model_config, parse_command  # noqa: E402
 from jaxchat.engine import Engine  # noqa: E402
 from jaxchat.evaluate.chat_eval import generative_eval  # noqa: E402
 from jaxchat.tasks.gsm8k import AnswerTask, gsm8k_conversation  # noqa: E402
@@ -49,7 +48,7 @@ def measure(config, problems: int = 256, max_tokens: int = 256, batch: int = 64,
     """Problems/s of the generative eval with `batch` problems per decode loop and with one, each after a warm-up
     pass that compiles its programs."""
     tok = corpus_tokenizer(config.vocab_size)
-    cfg = model.GPTConfig.from_config(config)
+    cfg = model_config(config)
     engine = Engine(cfg, printable_params(cfg, tok, seed=config.seed, scale=0.02), tok)
     task = GSM8KShaped(problems)
     prompt_tokens = sum(len(tok.render_for_completion(task[i])) for i in range(min(16, problems))) / min(16, problems)
@@ -71,13 +70,12 @@ def measure(config, problems: int = 256, max_tokens: int = 256, batch: int = 64,
 
 
 def main(argv):
-    config, rest = parse_args(argv if any(a.startswith("--config") for a in argv) else ["--config=configs/tiny.py", *argv])
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python bench/eval.py", description=__doc__.splitlines()[0])
     ap.add_argument("--problems", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--single", type=int, default=32)
-    args = ap.parse_args(rest)
+    config, args = parse_command(argv, ap, default_config="configs/tiny.py")
     out = measure(config, args.problems, args.max_tokens, args.batch, args.single)
     print(f"{args.problems} GSM8K-shaped problems (~{out['prompt_tokens_mean']:.0f} prompt tokens, up to "
           f"{args.max_tokens} new): batched x{args.batch} {out['batched_problems_per_s']:.2f} problems/s vs one at a "

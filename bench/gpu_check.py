@@ -126,7 +126,7 @@ def stage_env(out: Path, sizes: dict, **_):
     import jax
     import jax.numpy as jnp
 
-    from jaxchat import config as C
+    from jaxchat import hardware
 
     smi = None
     try:
@@ -164,8 +164,8 @@ def stage_env(out: Path, sizes: dict, **_):
     dt_copy = timed(jax.jit(lambda x: x + jnp.asarray(1, x.dtype)), x, repeats=10)
     copy = 2 * sizes["copy_bytes"] / dt_copy
     emit(out, "env", kind="ceilings", device=kind, gemm_n=n, gemm_tflops=round(gemm / 1e12, 1),
-         nominal_tflops=(C.peak_flops(kind) or 0) / 1e12 or None, copy_gbps=round(copy / 1e9, 1),
-         nominal_gbps=(C.peak_bandwidth(kind) or 0) / 1e9 or None, copy_bytes=sizes["copy_bytes"])
+         nominal_tflops=(hardware.peak_flops(kind) or 0) / 1e12 or None, copy_gbps=round(copy / 1e9, 1),
+         nominal_gbps=(hardware.peak_bandwidth(kind) or 0) / 1e9 or None, copy_bytes=sizes["copy_bytes"])
 
 
 def stage_attention(out: Path, sizes: dict, **_):
@@ -206,8 +206,8 @@ def stage_attention(out: Path, sizes: dict, **_):
 def _train_config(path: str, overrides: list[str], batch: int, attention: str):
     from jaxchat import config as C
 
-    cfg, _ = C.parse_args([f"--config={path}", *overrides, f"--config.device_batch_size={batch}",
-                           "--config.total_batch_size=-1", f"--config.attention={attention}"])
+    cfg = C.load_config([f"--config={path}", *overrides, f"--config.device_batch_size={batch}",
+                         "--config.total_batch_size=-1", f"--config.attention={attention}"])
     return cfg
 
 
@@ -339,7 +339,7 @@ def stage_decode(out: Path, sizes: dict, **_):
 
     from jaxchat import config as C
 
-    cfg, _ = C.parse_args([f"--config={sizes['config']}", *sizes["overrides"]])
+    cfg = C.load_config([f"--config={sizes['config']}", *sizes["overrides"]])
     measured = find(read_results(out), "env", "ceilings")
     bandwidth = measured["copy_gbps"] * 1e9 if measured else None
     d = sizes["decode"]
@@ -355,7 +355,7 @@ def stage_eval(out: Path, sizes: dict, **_):
 
     from jaxchat import config as C
 
-    cfg, _ = C.parse_args([f"--config={sizes['config']}", *sizes["overrides"]])
+    cfg = C.load_config([f"--config={sizes['config']}", *sizes["overrides"]])
     emit(out, "eval", kind="throughput", **bench_eval.measure(cfg, **sizes["eval"]))
 
 

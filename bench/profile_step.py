@@ -27,6 +27,7 @@ HLO by their `hlo_op` argument or name (untested there).
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import gzip
 import json
@@ -64,7 +65,7 @@ FUNCTION_CATEGORY = [
     ({"embed"}, "embedding gather/scatter"),
     ({"apply_rotary", "rotary_tables"}, "rotary"),
     ({"rms_norm"}, "rmsnorm"),
-    ({"relu2_mlp"}, "relu^2"),
+    ({"relu2"}, "relu^2"),
     ({"_accumulate_grads", "_accumulate_grads.<locals>.micro_step", "_accumulate_grads.<locals>.<lambda>"},
      "grad accumulation"),
 ]
@@ -243,10 +244,14 @@ def table(rows: dict, total: float, title: str) -> str:
 
 def main(argv):
     tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.py"
-    cfg, rest = C.parse_args(argv if any(a.startswith("--config=") for a in argv) else [f"--config={tiny}", *argv])
-    opts = dict(a.lstrip("-").split("=", 1) for a in rest)
-    steps, n_prof, top = int(opts.get("steps", 5)), int(opts.get("profile-steps", 3)), int(opts.get("top", 15))
-    devices = jax.devices()[: int(opts.get("devices", 1))]
+    ap = argparse.ArgumentParser(prog="python bench/profile_step.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5, help="timed steps")
+    ap.add_argument("--profile-steps", type=int, default=3, help="traced steps")
+    ap.add_argument("--top", type=int, default=15, help="ops listed")
+    ap.add_argument("--devices", type=int, default=1)
+    cfg, args = C.parse_command(argv, ap, default_config=str(tiny))
+    steps, n_prof, top = args.steps, args.profile_steps, args.top
+    devices = jax.devices()[: args.devices]
     attention, _ = model.resolve_attention(cfg.attention, devices[0].platform)
     prog = TrainProgram(cfg, attention, devices)
     params, opt_state, batch = prog.init()

@@ -13,6 +13,7 @@ Reported: aggregate tokens/s (completion tokens of all requests / wall time from
 first token (first content chunk at the client) p50/p95, every request's completion_tokens against --max-tokens, and
 the server's own /metrics. Last line: one JSON object.
 """
+import argparse
 import asyncio
 import json
 import statistics
@@ -24,13 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxchat import config as C  # noqa: E402
-from jaxchat import model, paths  # noqa: E402
+from jaxchat import model  # noqa: E402
 from jaxchat.engine import Engine  # noqa: E402
-from jaxchat.tokenizer import Tokenizer  # noqa: E402
+from jaxchat.tokenizer import load_for_config  # noqa: E402
 from jaxchat.web.app import ServerThread, create_app  # noqa: E402
 from jaxchat.web.batcher import Batcher  # noqa: E402
 
@@ -44,16 +44,16 @@ def load_or_build(config, stage: str | None):
     """(cfg, params, tokenizer, what): the stage's checkpoint if asked for and present, else random printable weights
     with the run's tokenizer (or one trained on the generated tiny corpus at the config's vocabulary)."""
     if stage:
-        from jaxchat.chat import load_params, load_tokenizer
+        from jaxchat.checkpoint import load_model
 
         try:
-            cfg, params, step = load_params(config, stage, None)
-            return cfg, params, load_tokenizer(config), f"checkpoint {config.run}/{stage} step {step}"
+            cfg, params, step, tok = load_model(config, stage)
+            return cfg, params, tok, f"checkpoint {config.run}/{stage} step {step}"
         except FileNotFoundError as e:
             print(f"{e}; using random weights", file=sys.stderr)
-    cfg = model.GPTConfig.from_config(config)
+    cfg = C.model_config(config)
     try:
-        tok = Tokenizer.load(paths.tokenizer_dir(config.tokenizer or config.run))
+        tok = load_for_config(config)
     except FileNotFoundError:
         tok = corpus_tokenizer(cfg.vocab_size)
     params = printable_params(cfg, tok, seed=config.seed)
@@ -107,14 +107,14 @@ async def run(url: str, conversations, max_tokens: int) -> tuple[dict, list, dic
 
 
 def main(argv):
-    if not any(a.startswith("--config") for a in argv):
-        argv = ["--config=configs/tiny.py", *argv]
-    config, rest = C.parse_args(argv)
-    opts = dict(a.lstrip("-").split("=", 1) for a in rest)
-    n = int(opts.get("requests", 64))
-    max_tokens = int(opts.get("max-tokens", 128))
-    max_batch = int(opts.get("max-batch", 64))
-    cfg, params, tok, what = load_or_build(config, opts.get("stage"))
+    ap = argparse.ArgumentParser(prog="python bench/serve.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=128, help="per request")
+    ap.add_argument("--max-batch", type=int, default=64, help="the batcher's rows")
+    ap.add_argument("--stage", default=None, help="serve that checkpoint if it exists (default: random weights)")
+    config, args = C.parse_command(argv, ap, default_config="configs/tiny.py")
+    n, max_tokens, max_batch = args.requests, args.max_tokens, args.max_batch
+    cfg, params, tok, what = load_or_build(config, args.stage)
     rng = np.random.default_rng(0)
     conversations = [[{"role": "user", "content": f"Question {i}: " + " ".join(rng.choice(WORDS, 3 + i % 12))}]
                      for i in range(n)]

@@ -6,7 +6,7 @@ Random tokens, real model, real optimizer, real sharding (all local devices on t
 ahead of time from abstract shapes first (jaxchat.dryrun.TrainProgram), so XLA's memory analysis says whether it fits
 the device before a single weight is allocated (`--memory-limit-gib`, default: the device's own limit where it reports one). Compile time is
 reported separately; the step time is the median over `--steps` synced steps. MFU is against the card's bf16 peak
-(jaxchat.config.PEAK_FLOPS), or absent for an unknown device. The last line printed is one JSON object.
+(jaxchat.hardware.PEAK_FLOPS), or absent for an unknown device. The last line printed is one JSON object.
 
 `--with-data` also feeds the same step from the real pretraining pipeline (the config's dataset and tokenizer under
 $JAXCHAT_HOME; for the tiny corpus without one, a scratch home with the corpus generated and a tokenizer trained on
@@ -23,6 +23,7 @@ the step leaves idle.
 
     python bench/train_step.py --config=configs/tiny.py --with-data [--prefetch=2] [--rounds=3]
 """
+import argparse
 import atexit
 import json
 import os
@@ -56,10 +57,14 @@ def data_source(cfg):
     only) a scratch $JAXCHAT_HOME with the corpus generated and a tokenizer trained on its first 2M chars."""
     from jaxchat import paths
     from jaxchat.data import shards, tiny_corpus
-    from jaxchat.tokenizer import Tokenizer, load_for_config, tokenizer_name
+    from jaxchat.tokenizer import Tokenizer, load_for_config
 
-    if (paths.tokenizer_dir(tokenizer_name(cfg)) / "tokenizer.json").exists():
-        return shards.list_shards(cfg.dataset)[0], load_for_config(cfg)
+    try:
+        tok = load_for_config(cfg)
+    except FileNotFoundError:
+        pass
+    else:
+        return shards.list_shards(cfg.dataset)[0], tok
     if cfg.dataset != "tiny":
         raise SystemExit(f"--with-data needs the {cfg.dataset} shards and a trained tokenizer under {paths.home()}")
     os.environ["JAXCHAT_HOME"] = tempfile.mkdtemp(prefix="jaxchat-bench-")
@@ -132,15 +137,23 @@ def host_overlap(prog, params, opt_state, random_batch, steps: int, warmup: int,
 
 
 def main(argv):
-    cfg, rest = C.parse_args(argv)
-    opts = dict((a.lstrip("-").split("=", 1) + ["1"])[:2] for a in rest)  # a bare --flag is --flag=1
-    steps, warmup = int(opts.get("steps", 20)), int(opts.get("warmup", 3))
+    ap = argparse.ArgumentParser(prog="python bench/train_step.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--memory-limit-gib", type=float, default=None, metavar="GIB",
+                    help="refuse a step that needs more (default: the device's own limit where it reports one)")
+    ap.add_argument("--with-data", type=C.boolean, nargs="?", const=True, default=False, metavar="1|0",
+                    help="also time the step fed by the real pretraining pipeline")
+    ap.add_argument("--prefetch", type=int, default=2, help="with data: batches built ahead")
+    ap.add_argument("--rounds", type=int, default=3, help="with data: rounds of the five loops")
+    cfg, args = C.parse_command(argv, ap)
+    steps, warmup = args.steps, args.warmup
     device = jax.devices()[0]
     attention, why = model.resolve_attention(cfg.attention, device.platform)
     print(f"attention: {attention} ({why})", file=sys.stderr)
     prog = TrainProgram(cfg, attention)
     mem = prog.memory()
-    limit = float(opts["memory-limit-gib"]) * 2**30 if "memory-limit-gib" in opts else device_memory_limit()
+    limit = args.memory_limit_gib * 2**30 if args.memory_limit_gib is not None else device_memory_limit()
     if limit and mem and mem["need_bytes"] > limit:
         raise SystemExit(f"{cfg.run} at device_batch_size {cfg.device_batch_size} needs {mem['need_bytes'] / 2**30:.1f} "
                          f"GiB per device, over the {limit / 2**30:.1f} GiB limit: lower --config.device_batch_size")
@@ -150,9 +163,9 @@ def main(argv):
     fig = prog.figures(dt)
     peak = peak_memory()
     with_data = None
-    if opts.get("with-data", "0") not in ("0", "false", "False"):
-        with_data, params, opt_state = host_overlap(prog, params, opt_state, batch, steps, warmup, int(opts.get("prefetch", 2)),
-                                                    int(opts.get("rounds", 3)), log=lambda s: print(s, file=sys.stderr))
+    if args.with_data:
+        with_data, params, opt_state = host_overlap(prog, params, opt_state, batch, steps, warmup, args.prefetch,
+                                                    args.rounds, log=lambda s: print(s, file=sys.stderr))
     result = {
         "bench": "train_step", "config": cfg.run, "depth": cfg.depth, "device": device.device_kind,
         "n_devices": prog.d.n_devices, "device_batch_size": prog.d.device_batch_size, "sequence_len": cfg.sequence_len,

@@ -35,7 +35,6 @@ def get_config():
         stage.sample_every = 1000  # samples at the end of the stage
     c.sft.device_batch_size = 16
     c.sft.layout = "packed"  # not d20's padded rows: the tiny figures (README, bench/RESULTS.md) were measured packed
-    c.sft.sequence_len = 256
     c.sft.metric_tasks = "TinyQuiz"
     c.sft.metric_every = 50
     c.sft.metric_max_problems = 128

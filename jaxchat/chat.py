@@ -1,8 +1,7 @@
 """Chat with a trained model in the terminal: `python -m jaxchat.chat --config=configs/X.py [--stage=sft] [-p PROMPT]`.
 
-- Loads any stage's parameters (no optimizer state) from `run_dir(config.run, stage)/checkpoints`, newest step or `--step`,
-  and the tokenizer from `tokenizer_dir(config.tokenizer)` (default: the config file's name); a missing one names the
-  command that makes it.
+- Loads any stage's parameters and the config's tokenizer through `checkpoint.load_model` (newest step or `--step`);
+  a missing one names the command that makes it.
 - Multi-turn: the conversation is one running token list starting with `<|bos|>`; each turn appends
   `<|user_start|> text <|user_end|> <|assistant_start|>` and streams the reply token by token (StreamDecoder never prints
   half a character), ending it with `<|assistant_end|>` even when generation stopped on the token limit.
@@ -14,18 +13,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-import jax
-
-from jaxchat import model, paths
-from jaxchat.config import ConfigError, command, parse_args
+from jaxchat import model
+from jaxchat.config import ConfigError, parse_command
 from jaxchat.engine import Engine
-from jaxchat.tokenizer import StreamDecoder, Tokenizer, load_for_config
+from jaxchat.tokenizer import StreamDecoder, Tokenizer
 
 MAX_REPLY_TOKENS = 256  # nanochat's CLI limit per reply
 
 
 def parse_cli(argv: list[str]):
-    config, rest = parse_args(argv)
     ap = argparse.ArgumentParser(prog="python -m jaxchat.chat", description="Chat with a trained jaxchat model.")
     ap.add_argument("--stage", default="sft", help="which stage's checkpoint to load: base, mid, sft, rl (default sft)")
     ap.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")
@@ -34,40 +30,7 @@ def parse_cli(argv: list[str]):
     ap.add_argument("-k", "--top-k", type=int, default=50)
     ap.add_argument("-m", "--max-tokens", type=int, default=MAX_REPLY_TOKENS, help="tokens per reply")
     ap.add_argument("--seed", type=int, default=42)
-    return config, ap.parse_args(rest)
-
-
-def load_params(config, stage: str, step: int | None):
-    """The stage's parameters on the default device; FileNotFoundError naming the training command when absent."""
-    from jaxchat.checkpoint import Checkpointer  # orbax is slow to import; only the CLI path needs it
-
-    directory = paths.run_dir(config.run, stage) / "checkpoints"
-    train = command(config, "train.py", f"--stage={stage}")
-    if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
-        raise FileNotFoundError(f"no {stage} checkpoint in {directory} — train one with `{train}` "
-                                f"(or pick another stage with --stage=base|mid|sft|rl)")
-    cfg = model.GPTConfig.from_config(config)
-    _, abstract = model.abstract_params(cfg)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-    with Checkpointer(directory, async_save=False) as ckpt:
-        restored = ckpt.restore(step, abstract_params=abstract)
-    return cfg, restored.params, restored.step
-
-
-def load_tokenizer(config) -> Tokenizer:
-    return load_for_config(config)
-
-
-def load_model(config, stage: str, step: int | None = None):
-    """(GPTConfig, params, step, tokenizer) of a stage's checkpoint, or a clear error: FileNotFoundError (no
-    checkpoint or tokenizer), CheckpointError, or ValueError when the tokenizer does not fit the model."""
-    cfg, params, step = load_params(config, stage, step)
-    tokenizer = load_tokenizer(config)
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model has {cfg.vocab_size}; "
-                         f"set --config.tokenizer to the tokenizer the run was trained with")
-    return cfg, params, step, tokenizer
+    return parse_command(argv, ap)
 
 
 def reply(engine: Engine, conversation: list[int], args, out=None) -> list[int]:
@@ -131,11 +94,11 @@ def load_for_cli(parse, argv: list[str]):
     """The start the chat CLI and the server share: parse the command line with `parse` (-> config, args with
     .stage and .step), load that checkpoint, say what was loaded. Returns (config, args, cfg, params, step, tokenizer),
     or None after printing the error."""
-    from jaxchat.checkpoint import CheckpointError, IncompatibleCheckpointError
+    from jaxchat.checkpoint import CheckpointError, IncompatibleCheckpointError, load_model  # orbax: slow import
 
     try:
         config, args = parse(argv)
-        cfg, params, step, tokenizer = load_model(config, args.stage, args.step)
+        cfg, params, step, tokenizer = load_model(config, args.stage, step=args.step)
     except (ConfigError, ValueError, FileNotFoundError, CheckpointError, IncompatibleCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None

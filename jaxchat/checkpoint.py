@@ -15,6 +15,9 @@ truncated per-process OCDBT manifest restores without complaint. The manifest ca
 A step counts as valid only once sealed (manifest present and matching). `restore()` walks back from the
 newest step, warns about each damaged one, moves it to `_damaged/` (so later saves of the same step numbers
 are not silently refused by orbax) and restores the newest good one; with none good it raises.
+
+Trained weights are read through `load_params` / `load_model` only (chat, serve, evaluate, the next stage's start):
+params alone, on one device or FSDP-sharded over a mesh exactly as training holds them.
 """
 from __future__ import annotations
 
@@ -32,6 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxchat import paths
+from jaxchat.sharding import path_names
 
 MANIFEST = "jaxchat_manifest.json"
 DAMAGED_DIR = "_damaged"
@@ -153,13 +159,6 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def _path_str(path) -> str:
-    parts = []
-    for k in path:
-        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-    return ".".join(parts)
-
-
 def leaf_shapes(tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """`{dotted.path: (shape, dtype)}` for arrays, ShapeDtypeStructs or orbax ArrayMetadata alike.
 
@@ -167,7 +166,7 @@ def leaf_shapes(tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     the metadata of the checkpoint it was saved from flatten to the same paths.
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
-    return {_path_str(p): (tuple(x.shape), np.dtype(x.dtype)) for p, x in flat if hasattr(x, "shape")}
+    return {".".join(path_names(p)): (tuple(x.shape), np.dtype(x.dtype)) for p, x in flat if hasattr(x, "shape")}
 
 
 def item_shapes(manager: ocp.CheckpointManager, step: int, item: str) -> dict:
@@ -429,3 +428,49 @@ class Checkpointer:
         return (f"no usable checkpoint in {self.directory}:\n{listing}\n"
                 "Refusing to start from scratch. Move the directory away to start a new run, or restore an "
                 "explicit step with verify=False if you trust it.")
+
+
+# ---------------------------------------------------------------- trained weights
+
+MODEL_STAGES = ("base", "mid", "sft", "rl")  # the stages that leave a model behind
+
+
+def load_params(config, stage: str, *, step: int | None = None, mesh=None) -> tuple[Any, int]:
+    """(params, step) of `stage`'s checkpoint of `config.run`: the newest good step, or `step`; no optimizer state.
+
+    With `mesh` every weight lands split as training holds it (`sharding.param_shardings`, FSDP over the mesh), so a
+    model too big for one device loads and every device works; without, whole on this process's first device.
+    FileNotFoundError naming the command that trains the stage when it has no checkpoint; a damaged or mismatched
+    one raises as `Checkpointer.restore` does.
+    """
+    from jaxchat import model, sharding  # here: flax is not needed to list or verify checkpoints (inspect)
+    from jaxchat.config import command, model_config
+
+    directory = paths.run_dir(config.run, stage) / "checkpoints"
+    # Checked before opening: the Checkpointer would create the directory of a stage that never ran.
+    if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
+        raise FileNotFoundError(f"no {stage} checkpoint in {directory} — train one with "
+                                f"`{command(config, 'train.py', f'--stage={stage}')}`")
+    _, abstract = model.abstract_params(model_config(config))
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    else:
+        shardings = sharding.param_shardings(abstract, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    with Checkpointer(directory, async_save=False) as ckpt:
+        restored = ckpt.restore(step, abstract_params=abstract)
+    return restored.params, restored.step
+
+
+def load_model(config, stage: str, *, step: int | None = None, mesh=None):
+    """(GPTConfig, params, step, tokenizer) for a reader of a trained model (chat, serve, evaluate): `load_params`,
+    plus the config's tokenizer (`tokenizer.load_for_config`, which refuses one that does not fit the model)."""
+    from jaxchat.config import model_config
+    from jaxchat.tokenizer import load_for_config
+
+    try:
+        params, step = load_params(config, stage, step=step, mesh=mesh)
+    except FileNotFoundError as e:  # the reader chose the stage, and another one may have weights
+        raise FileNotFoundError(f"{e} (or pick another stage with --stage={'|'.join(MODEL_STAGES)})") from None
+    return model_config(config), params, step, load_for_config(config)

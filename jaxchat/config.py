@@ -15,38 +15,22 @@ prints a d20's numbers instantly on a laptop. The rules are the reference's (nan
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import shlex
 import sys
+from typing import Any
 
 from ml_collections import ConfigDict, FieldReference
 
-# bf16 dense peak FLOP/s by accelerator name (substring of `device.device_kind`); longest match wins.
-PEAK_FLOPS = {
-    "H100": 989e12,
-    "H100 PCIe": 756e12,
-    "H200": 989e12,
-    "GH200": 989e12,
-    "B200": 2.25e15,
-    "A100": 312e12,
-    "A10G": 125e12,
-    "L4": 121e12,
-    "4090": 165.2e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-}
-# Nominal HBM bandwidth (bytes/s) by the same names, for decode's memory-bandwidth utilisation.
-PEAK_BANDWIDTH = {"H100": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12, "GH200": 4.0e12, "A100": 2.0e12}
-
+from jaxchat.data.datasets import ShardNeed
 
 def default_config() -> ConfigDict:
     """Every field a run reads, with the reference d20 values. Configs override what they choose."""
     c = ConfigDict()
     c.run = ""  # defaults to the config file's name (d20, tiny, ...)
-    c.config_args = ""  # set by parse_args: the --config arguments that built this config (for commands in messages)
+    c.config_args = ""  # set by parse_command: the --config arguments that built this config (for commands in messages)
     c.seed = 0
     # model
     c.depth = 20
@@ -78,38 +62,38 @@ def default_config() -> ConfigDict:
     c.target_param_data_ratio = 20.0
     c.num_iterations = -1  # > 0 overrides the derived horizon
     # optimizer
-    c.embedding_lr = 0.2
+    c.embedding_lr = 0.2  # AdamW's two are tuned at width 768; derive() scales them to the model's
     c.unembedding_lr = 0.004
-    c.matrix_lr = 0.02
+    c.matrix_lr = 0.02  # Muon's, for the blocks' 2-D weights: not scaled by width
     c.weight_decay = 0.0
-    c.adam_beta1 = 0.8
+    c.adam_beta1 = 0.8  # the reference's betas and eps for the embedding and the head
     c.adam_beta2 = 0.95
     c.adam_eps = 1e-10
     c.grad_clip = 1.0  # clip the global gradient norm to this before the optimizer (0: off); base_train's 1.0
     c.muon_ns_steps = 5
     c.muon_coefficients = "ns5"  # or "polar_express"
     c.muon_ns_dtype = "bfloat16"  # Newton-Schulz precision (float32 for exactness tests)
-    c.muon_momentum_start = 0.85
+    c.muon_momentum_start = 0.85  # ramped linearly to muon_momentum_end over muon_momentum_warmup steps
     c.muon_momentum_end = 0.95
     c.muon_momentum_warmup = 300
     # schedule
     c.warmup_ratio = 0.0
-    c.warmdown_ratio = 0.2
+    c.warmdown_ratio = 0.2  # the last 20% of the steps decay linearly to final_lr_frac of the peak
     c.final_lr_frac = 0.0
     # mesh: ("data", "fsdp") with data * fsdp = n_devices; data 0 = one row per process, fsdp 0 = the rest
     c.mesh_data = 0
     c.mesh_fsdp = 0
     # loop
-    c.eval_every = 250
+    c.eval_every = 250  # steps between validation bpb measurements (on eval_tokens)
     c.eval_tokens = 20 * 524288
     c.sample_every = 2000
-    c.save_every = -1
+    c.save_every = -1  # steps between checkpoints; <= 0: only at the end and when stopped
     c.log_every = 1
     c.keep_checkpoints = 3
     # steps' batches built on a background thread while the device runs, each loss read after the next step was
     # dispatched; 0: the synchronous loop (batch built and loss read on the loop's thread, one step at a time)
     c.prefetch = 2
-    c.peak_flops = 0.0  # 0: look the device up in PEAK_FLOPS
+    c.peak_flops = 0.0  # 0: look the device up in hardware.PEAK_FLOPS
     c.wandb_project = ""  # set (and pip install wandb) to log there too
     # data
     c.dataset = "fineweb-edu"
@@ -135,20 +119,20 @@ def default_config() -> ConfigDict:
     c.eval.max_tokens = 512
     c.eval.temperature = 0.0
     c.eval.top_k = 50
-    # Chat stages. Each group's fields that share a name with a top-level field override it for that stage only
-    # (stage_config); the rest are the stage's own. The values are the reference's (nanochat-reference.md §7).
+    # Chat stages. stage_config lays a group's fields over the top-level fields of the same name for that stage only;
+    # its other fields are the stage's own. A group states only where its stage differs from the top level: the
+    # learning rates, warmup, final lr fraction, weight decay, mid's warmdown and SFT's sequence length equal base
+    # training's in the reference, so they are not repeated, and a top-level override (--config.matrix_lr=0.03)
+    # moves every stage's with base training's, as intended. One stage's alone: --config.mid.matrix_lr=0.03
+    # (apply_overrides lets a group take any top-level field). num_iterations and save_every stay in every group
+    # although d20's values equal the top level's: a stage's -1 means its own epochs and no periodic saves, whatever
+    # a config sets for base training (tiny's 300 steps, saving every 100). The values are the reference's
+    # (nanochat-reference.md §7).
     c.mid = ConfigDict()
     c.mid.mixture = "reference"  # tasks/mixtures.py
     c.mid.num_iterations = -1  # -1: one epoch of the mixture
     c.mid.init_lr_frac = 1.0
-    c.mid.warmup_ratio = 0.0
-    c.mid.warmdown_ratio = 0.2  # flat, then linear to 0 over the last 20%
-    c.mid.final_lr_frac = 0.0
-    c.mid.weight_decay = 0.0
     c.mid.grad_clip = 0.0  # the reference clips in base training only
-    c.mid.embedding_lr = 0.2
-    c.mid.unembedding_lr = 0.004
-    c.mid.matrix_lr = 0.02
     c.mid.supervise = "all"  # the reference's mid-training trains on every token, user turns included
     c.mid.eval_every = 150
     c.mid.sample_every = -1
@@ -159,18 +143,11 @@ def default_config() -> ConfigDict:
     c.sft.num_iterations = -1  # -1: num_epochs of the mixture
     c.sft.num_epochs = 1
     c.sft.init_lr_frac = 0.02
-    c.sft.warmup_ratio = 0.0
     c.sft.warmdown_ratio = 1.0  # linear decay to 0 over the whole run
-    c.sft.final_lr_frac = 0.0
-    c.sft.weight_decay = 0.0
     c.sft.grad_clip = 0.0
-    c.sft.embedding_lr = 0.2
-    c.sft.unembedding_lr = 0.004
-    c.sft.matrix_lr = 0.02
     c.sft.muon_momentum_start = 0.95  # SFT keeps Muon's momentum at 0.95 throughout
     c.sft.device_batch_size = 4
     c.sft.total_batch_size = -1
-    c.sft.sequence_len = 2048
     c.sft.layout = "padded"  # "padded" (one conversation per row, V0) or "packed" (best-fit whole conversations, HEAD)
     c.sft.target_examples_per_step = 32  # padded: conversations per step, steps = rows // it (0: total_batch_size)
     c.sft.supervise = "assistant"
@@ -192,14 +169,8 @@ def default_config() -> ConfigDict:
     c.rl.device_batch_size = 8  # rows per forward in the update
     c.rl.sequence_len = 512  # static row length of the update: prompt + max_new_tokens must fit
     c.rl.init_lr_frac = 0.05
-    c.rl.warmup_ratio = 0.0
     c.rl.warmdown_ratio = 1.0  # linear decay to 0
-    c.rl.final_lr_frac = 0.0
-    c.rl.weight_decay = 0.0
     c.rl.grad_clip = 0.0
-    c.rl.embedding_lr = 0.2
-    c.rl.unembedding_lr = 0.004
-    c.rl.matrix_lr = 0.02
     c.rl.muon_momentum_start = 0.95
     c.rl.save_every = 60
     c.rl.sample_every = -1
@@ -253,14 +224,8 @@ class ConfigError(ValueError):
 class Derived:
     """Everything a run computes from its config (and the device count), in one place."""
 
-    n_layer: int
-    model_dim: int
-    n_head: int
-    n_kv_head: int
-    head_dim: int
-    vocab_size: int
-    sequence_len: int
-    num_params: int
+    model: Any  # model.GPTConfig: shapes, numerics, memory options
+    num_params: int  # exact: counted on the model's own (abstract) parameters
     num_embedding_params: int
     flops_per_token: float
     n_devices: int
@@ -359,38 +324,31 @@ def model_shape(c: ConfigDict) -> tuple[int, int, int, int]:
     return model_dim, n_head, n_kv_head, head_dim
 
 
-def count_params(vocab: int, n_layer: int, d: int, n_head: int, n_kv_head: int, head_dim: int) -> int:
-    """Exact parameter count: embedding + untied head + per layer q/k/v/o and the 4x MLP (no biases, no norms)."""
-    attn = d * n_head * head_dim * 2 + d * n_kv_head * head_dim * 2
-    mlp = 2 * d * 4 * d
-    return 2 * vocab * d + n_layer * (attn + mlp)
+def loss_chunk_positions(c: ConfigDict) -> int:
+    """The config's `loss_chunk` (tokens per device per chunk) as positions of every row: the loss sees a device's
+    `device_batch_size` rows at once. 0 (unchunked) when the chunk covers whole rows."""
+    tokens, rows = c.get("loss_chunk", 0), c.get("device_batch_size", 1)
+    if tokens <= 0:
+        return 0
+    positions = max(1, tokens // (rows if isinstance(rows, int) and rows > 0 else 1))
+    return 0 if positions >= c.sequence_len else positions
 
 
-def _by_name(table: dict, device_kind: str) -> float | None:
-    matches = [k for k in table if k.lower() in device_kind.lower()]
-    return table[max(matches, key=len)] if matches else None
+def model_config(c: ConfigDict, attention: str = "xla"):
+    """The model's own config (`model.GPTConfig`): its shapes from the depth dial, its numerics and memory options."""
+    from jaxchat.model import GPTConfig  # jax and flax load only where the model is needed
 
-
-def peak_flops(device_kind: str) -> float | None:
-    """bf16 peak of a device by name, or None when unknown (then MFU is not reported)."""
-    return _by_name(PEAK_FLOPS, device_kind)
-
-
-def peak_bandwidth(device_kind: str) -> float | None:
-    """Nominal HBM bytes/s of a device by name, or None when unknown."""
-    return _by_name(PEAK_BANDWIDTH, device_kind)
-
-
-def mfu(flops_per_token: float, tokens_per_s: float, device_kind: str, n_devices: int, peak: float = 0.0) -> float | None:
-    """Model FLOPs utilisation in percent of the devices' bf16 peak; None for an unknown device (no guess)."""
-    peak = peak or peak_flops(device_kind)
-    if not peak:
-        return None
-    return 100.0 * flops_per_token * tokens_per_s / (peak * n_devices)
+    model_dim, n_head, n_kv_head, _ = model_shape(c)
+    return GPTConfig(vocab_size=c.vocab_size, n_layer=c.depth, n_head=n_head, n_kv_head=n_kv_head, n_embd=model_dim,
+                     sequence_len=c.sequence_len, rope_base=c.rope_base, softcap=c.softcap,
+                     compute_dtype=c.compute_dtype, attention=attention, remat=c.get("remat", "none"),
+                     loss_chunk=loss_chunk_positions(c))
 
 
 def derive(c: ConfigDict, n_devices: int = 1) -> Derived:
-    model_dim, n_head, n_kv_head, head_dim = model_shape(c)
+    from jaxchat import model
+
+    model_shape(c)  # its errors first: they name the dial's fields
     _require(c.vocab_size >= 10, f"vocab_size must hold at least the 9 special tokens, got {c.vocab_size}")
     _require(c.sequence_len >= 2, f"sequence_len must be >= 2, got {c.sequence_len}")
     _require(c.device_batch_size != AUTO,
@@ -402,14 +360,14 @@ def derive(c: ConfigDict, n_devices: int = 1) -> Derived:
              f"remat must be one of {', '.join(REMAT_CHOICES)}, got {c.get('remat')!r}")
     _require(c.get("loss_chunk", 0) >= 0, f"loss_chunk must be >= 0 (0: unchunked), got {c.get('loss_chunk')}")
     _require(n_devices >= 1, f"need at least one device, got {n_devices}")
-    n_layer = c.depth
-    num_params = count_params(c.vocab_size, n_layer, model_dim, n_head, n_kv_head, head_dim)
     check_stage_fields(c)
     _require(c.get("packing", "stream") in PACKINGS,
              f"packing must be one of {', '.join(PACKINGS)}, got {c.get('packing')!r}")
-    num_embedding_params = c.vocab_size * model_dim
+    m = model_config(c)
+    params = model.abstract_params(m)[1]
+    num_params, num_embedding_params = model.num_params(params), math.prod(params["wte"].shape)
     # PaLM-style: 6 FLOPs per non-embedding parameter (the head counts) plus attention's QK^T and AV at full T.
-    flops_per_token = 6 * (num_params - num_embedding_params) + 12 * n_layer * n_head * head_dim * c.sequence_len
+    flops_per_token = 6 * (num_params - num_embedding_params) + 12 * m.n_layer * m.n_head * m.head_dim * c.sequence_len
 
     tokens_per_micro = c.device_batch_size * c.sequence_len * n_devices
     total = tokens_per_micro if c.total_batch_size == -1 else c.total_batch_size
@@ -425,15 +383,9 @@ def derive(c: ConfigDict, n_devices: int = 1) -> Derived:
         num_iterations = int(c.target_param_data_ratio * num_params) // total
         _require(num_iterations >= 1, f"the derived horizon is {num_iterations} steps; set num_iterations")
 
-    width_scale = (model_dim / 768) ** -0.5
+    width_scale = (m.n_embd / 768) ** -0.5
     return Derived(
-        n_layer=n_layer,
-        model_dim=model_dim,
-        n_head=n_head,
-        n_kv_head=n_kv_head,
-        head_dim=head_dim,
-        vocab_size=c.vocab_size,
-        sequence_len=c.sequence_len,
+        model=m,
         num_params=num_params,
         num_embedding_params=num_embedding_params,
         flops_per_token=float(flops_per_token),
@@ -449,8 +401,11 @@ def derive(c: ConfigDict, n_devices: int = 1) -> Derived:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Loading configs: `--config=configs/d20.py --config.depth=12` (the ml_collections flag syntax, parsed by hand so that
-# every entry point shares it without absl's global flag registry).
+# Command lines: `--config=configs/d20.py --config.depth=12` (ml_collections' flag syntax), read here for every entry
+# point. ml_collections.config_flags reads the same syntax but was left: it keeps the config in absl's process-global
+# FLAGS, where a second parse in one process no longer knows the override flags (tests, bench/gpu_check.py and the
+# in-process mains build several configs), it refuses `--config.tokenizer_max_chars=2e9` on an int field, and each
+# entry point's own options would have to become absl flags.
 
 
 def load_config_file(path: str) -> ConfigDict:
@@ -480,13 +435,18 @@ def load_config_file(path: str) -> ConfigDict:
     return config
 
 
+def boolean(text: str) -> bool:
+    """1/true/yes or 0/false/no, for boolean fields and flags (an argparse `type`: ConfigError is a ValueError)."""
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise ConfigError(f"expected a boolean, got {text!r}")
+
+
 def _parse_value(text: str, current):
     if isinstance(current, bool):
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise ConfigError(f"expected a boolean, got {text!r}")
+        return boolean(text)
     if isinstance(current, int):
         try:
             return int(text)
@@ -501,7 +461,9 @@ def _parse_value(text: str, current):
 
 
 def apply_overrides(config: ConfigDict, overrides: dict[str, str]) -> ConfigDict:
-    """Set dotted fields from strings, converting to the field's existing type; unknown fields are errors."""
+    """Set dotted fields from strings, converting to the field's existing type; unknown fields are errors. A chat
+    stage's group also takes any top-level field it does not list (typed as that field), since stage_config lays
+    the group over the top level: `--config.mid.matrix_lr=0.01` changes mid's alone."""
     config = config.copy_and_resolve_references()
     for key, text in overrides.items():
         parts = key.split(".")
@@ -511,7 +473,9 @@ def apply_overrides(config: ConfigDict, overrides: dict[str, str]) -> ConfigDict
                 raise ConfigError(f"unknown config field {key!r}")
             node = node[part]
         leaf = parts[-1]
-        if leaf not in node:
+        stage_takes = (len(parts) == 2 and parts[0] in CHAT_STAGES and leaf in config
+                       and not isinstance(config[leaf], ConfigDict))
+        if leaf not in node and not stage_takes:
             close = [k for k in node.keys() if leaf[:4] in k]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"unknown config field {key!r}{hint}")
@@ -520,16 +484,19 @@ def apply_overrides(config: ConfigDict, overrides: dict[str, str]) -> ConfigDict
                 raise ConfigError(f"'{AUTO}' is accepted by the top-level {leaf} only; a stage's takes a number")
             if node is config and leaf in AUTO_FIELDS and AUTO in (text, node[leaf]):
                 set_field(node, leaf, AUTO if text == AUTO else _parse_value(text, 0))
-            else:
+            elif leaf in node:
                 node[leaf] = _parse_value(text, node[leaf])
+            else:
+                node[leaf] = _parse_value(text, 0 if leaf in AUTO_FIELDS else config[leaf])
         except (ValueError, ConfigError) as e:
             raise ConfigError(f"--config.{key}={text}: {e}") from e
     return config
 
 
-def parse_args(argv: list[str]) -> tuple[ConfigDict, list[str]]:
-    """Split `--config=PATH` and `--config.x=y` out of argv; return the config and the remaining args."""
-    path, overrides, rest = None, {}, []
+def _take_overrides(argv) -> tuple[dict[str, str], list[str]]:
+    """(the `--config.FIELD` overrides, every other argument in order): argparse cannot declare options whose names
+    are the config's fields, so they are taken out before it runs."""
+    overrides, rest = {}, []
     it = iter(argv)
     for arg in it:
         if arg.startswith("--config."):
@@ -537,18 +504,58 @@ def parse_args(argv: list[str]) -> tuple[ConfigDict, list[str]]:
             if not sep:
                 value = next(it, None)
                 if value is None:
-                    raise ConfigError(f"{arg} needs a value")
+                    raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
             overrides[key] = value
-        elif arg == "--config" or arg.startswith("--config="):
-            path = arg.partition("=")[2] or next(it, None)
         else:
             rest.append(arg)
-    if path is None:
-        raise ConfigError("missing --config=configs/<name>.py (e.g. configs/tiny.py)")
-    config = apply_overrides(load_config_file(path), overrides)
+    return overrides, rest
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None, required: bool) -> None:
+    if any(a.dest == "config" for a in parser._actions):  # already added (a parser used twice)
+        return
+    group = parser.add_argument_group("config")
+    group.add_argument("--config", metavar="PATH", default=default_config, required=required and not default_config,
+                       help="the run's config file, configs/<name>.py" +
+                       (f" (default {default_config})" if default_config else ""))
+    # shown in --help only: _take_overrides has taken every --config.FIELD out before argparse sees the line
+    group.add_argument("--config.FIELD", metavar="VALUE", dest="config_overrides", action="append",
+                       help="set a field of it (repeatable; --config.FIELD=VALUE too), e.g. --config.depth=12, "
+                            "--config.run=exp2, --config.device_batch_size=auto, --config.sft.layout=packed; "
+                            "python -m jaxchat.config prints what a config derives")
+
+
+def parse_command(argv, parser: argparse.ArgumentParser, default_config: str | None = None,
+                  required: bool = True) -> tuple[ConfigDict | None, argparse.Namespace]:
+    """An entry point's command line -> (config, args), the one way every entry point reads one: `parser` (the entry
+    point's own argparse options) gains `--config PATH` and the `--config.FIELD=VALUE` overrides, so --help, usage
+    errors (exit status 2) and style are argparse's everywhere; ConfigError when the config file or an override is
+    bad. `default_config`: the file used without --config (benches); `required=False`: no --config and no
+    overrides give None (jaxchat.inspect, which reads checkpoints without one)."""
+    _add_config_arguments(parser, default_config, required)
+    overrides, rest = _take_overrides(argv)
+    args = parser.parse_args(rest)
+    del args.config_overrides
+    if args.config is None:
+        if overrides:
+            raise ConfigError(f"--config.{next(iter(overrides))} needs --config=configs/<name>.py to override")
+        return None, args
+    config = apply_overrides(load_config_file(args.config), overrides)
     if "config_args" in config:
-        config.config_args = shlex.join([f"--config={path}", *(f"--config.{k}={v}" for k, v in overrides.items())])
-    return config, rest
+        config.config_args = shlex.join([f"--config={args.config}",
+                                         *(f"--config.{k}={v}" for k, v in overrides.items())])
+    return config, args
+
+
+class _ConfigArguments(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def load_config(args) -> ConfigDict:
+    """The config that `--config=PATH [--config.x=y ...]` words build, for code that starts from such words rather
+    than a command line (bench/gpu_check.py's stages, runs/speedrun.sh, tests); anything else is a ConfigError."""
+    return parse_command(args, _ConfigArguments(prog="load_config", add_help=False))[0]
 
 
 def command(c: ConfigDict, program: str, *args: str) -> str:
@@ -560,33 +567,17 @@ def command(c: ConfigDict, program: str, *args: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataPlan:
+class DataPlan(ShardNeed):
     """What the base horizon needs of the pretraining shards, from the dataset's known figures (data/datasets.py):
     nothing is tokenized. Base training measures the real figures on the shards at start-up (stages.py)."""
 
     dataset: str
-    packing: str
-    horizon_tokens: int
     chars_per_shard: float
-    chars_per_token: float
-    crop: float  # fraction of tokens the packing crops away
     crop_seq_len: int  # the sequence length the crop figure was measured at (0: any)
-    train_shards: int  # train shards the dataset has in all
 
     @property
     def tokens_per_shard(self) -> float:
-        return self.chars_per_shard / self.chars_per_token * (1 - self.crop)
-
-    @property
-    def shards_exact(self) -> float:
-        return self.horizon_tokens / self.tokens_per_shard
-
-    @property
-    def shards_needed(self) -> int:
-        """Train shards to download: the exact need plus the downloads' spare."""
-        from jaxchat.data.datasets import shards_needed
-
-        return shards_needed(self.horizon_tokens, self.tokens_per_shard)
+        return self.chars_per_shard / self.chars_per_token * (1 - self.crop_fraction)
 
 
 def data_plan(c: ConfigDict, d: Derived) -> DataPlan | None:
@@ -595,14 +586,13 @@ def data_plan(c: ConfigDict, d: Derived) -> DataPlan | None:
 
     ds = get_dataset(c.dataset)
     packing = c.get("packing", "stream")
-    tokens_per_shard = ds.tokens_per_shard(packing)
-    if tokens_per_shard is None:
+    if ds.tokens_per_shard(packing) is None:
         return None
     stream = packing == "stream"
-    return DataPlan(dataset=c.dataset, packing=packing, horizon_tokens=d.total_tokens,
-                    chars_per_shard=ds.chars_per_shard, chars_per_token=ds.chars_per_token,
-                    crop=0.0 if stream else ds.bestfit_crop, crop_seq_len=0 if stream else ds.bestfit_crop_seq_len,
-                    train_shards=ds.num_shards - 1)
+    return DataPlan(packing=packing, train_shards=ds.num_shards - 1, chars_per_token=ds.chars_per_token,
+                    crop_fraction=0.0 if stream else ds.bestfit_crop, horizon_tokens=d.total_tokens,
+                    dataset=c.dataset, chars_per_shard=ds.chars_per_shard,
+                    crop_seq_len=0 if stream else ds.bestfit_crop_seq_len)
 
 
 PACKING_NOTES = {
@@ -620,7 +610,7 @@ def _data_lines(c: ConfigDict, d: Derived) -> list[str]:
     if plan is None:
         return [f"data horizon            {d.total_tokens:,} tokens; the {c.dataset} shards needed are unknown at config "
                 "time (no chars/token figure): base training measures them at start-up"]
-    crop = f"{plan.crop:.0%} crop" + (f" (at T={plan.crop_seq_len:,})" if plan.crop_seq_len else "")
+    crop = f"{plan.crop_fraction:.0%} crop" + (f" (at T={plan.crop_seq_len:,})" if plan.crop_seq_len else "")
     get = download_command(plan.dataset, plan.shards_needed)
     lines = [f"data horizon            {plan.horizon_tokens:,} tokens = {plan.shards_exact:.1f} {plan.dataset} shards of "
              f"{plan.chars_per_shard / 1e6:,.1f}M chars at {plan.chars_per_token} chars/token, {crop}",
@@ -634,9 +624,10 @@ def _data_lines(c: ConfigDict, d: Derived) -> list[str]:
 
 
 def describe(c: ConfigDict, d: Derived) -> str:
+    m = d.model
     lines = [
-        f"config {c.run}: depth {d.n_layer}, model_dim {d.model_dim}, heads {d.n_head} (kv {d.n_kv_head}) x {d.head_dim}, "
-        f"vocab {d.vocab_size:,}, sequence {d.sequence_len:,}",
+        f"config {c.run}: depth {m.n_layer}, model_dim {m.n_embd}, heads {m.n_head} (kv {m.n_kv_head}) x {m.head_dim}, "
+        f"vocab {m.vocab_size:,}, sequence {m.sequence_len:,}",
         f"parameters              {d.num_params:,}",
         f"  embedding (wte)       {d.num_embedding_params:,}",
         f"  non-embedding         {d.num_params - d.num_embedding_params:,}",
@@ -664,13 +655,13 @@ def describe(c: ConfigDict, d: Derived) -> str:
 def _batch_line(c: ConfigDict, d: Derived) -> str:
     head = "batch                   "
     if c.device_batch_size != AUTO:
-        return (f"{head}{d.total_batch_size:,} tokens/step = {d.device_batch_size} rows x {d.sequence_len} x "
+        return (f"{head}{d.total_batch_size:,} tokens/step = {d.device_batch_size} rows x {d.model.sequence_len} x "
                 f"{d.n_devices} devices x {d.grad_accum_steps} accumulation steps")
     auto = "auto (resolved at start-up by compiling) rows"
     if c.total_batch_size == -1:  # the step's size is the auto batch's: the horizon shown is for the largest candidate
-        return (f"{head}one micro-batch per step = {auto} x {d.sequence_len} x {d.n_devices} devices (horizon below "
+        return (f"{head}one micro-batch per step = {auto} x {d.model.sequence_len} x {d.n_devices} devices (horizon below "
                 f"for {d.device_batch_size} rows)")
-    return f"{head}{d.total_batch_size:,} tokens/step = {auto} x {d.sequence_len} x {d.n_devices} devices x accumulation"
+    return f"{head}{d.total_batch_size:,} tokens/step = {auto} x {d.model.sequence_len} x {d.n_devices} devices x accumulation"
 
 
 def _grad_clip_text(c: ConfigDict) -> str:
@@ -691,25 +682,20 @@ def shards_needed(c: ConfigDict, d: Derived) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(prog="python -m jaxchat.config", description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, default=1, metavar="N", help="devices the batch is split over (default 1)")
+    ap.add_argument("--shards-needed", action="store_true",
+                    help="print only the train shards the horizon needs, for scripts (runs/speedrun.sh)")
     try:
-        config, rest = parse_args(argv)
-        n_devices, only_shards = 1, False
-        for arg in rest:
-            if arg.startswith("--devices="):
-                n_devices = int(arg.split("=", 1)[1])
-            elif arg == "--shards-needed":  # just the number, for scripts (runs/speedrun.sh)
-                only_shards = True
-            else:
-                raise ConfigError(f"unknown argument {arg!r} (usage: --config=PATH [--config.x=y ...] [--devices=N] "
-                                  "[--shards-needed])")
-        if config.device_batch_size == AUTO:  # nothing is compiled here: derive the rest with the batch left open
-            derived = derive(auto_probe(config, n_devices), n_devices)
-        else:
-            derived = derive(config, n_devices)
-        print(shards_needed(config, derived) if only_shards else describe(config, derived))
+        config, args = parse_command(argv, ap)
+        # nothing is compiled here: with device_batch_size "auto" the rest is derived with the batch left open
+        probe = auto_probe(config, args.devices) if config.device_batch_size == AUTO else config
+        derived = derive(probe, args.devices)
+        text = shards_needed(config, derived) if args.shards_needed else describe(config, derived)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(text)
     return 0
 
 

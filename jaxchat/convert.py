@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxchat import sharding
+
 STAGE_DIRS = {"base_checkpoints": "base", "mid_checkpoints": "mid", "chatsft_checkpoints": "sft",
               "chatrl_checkpoints": "rl"}
 STAGES = ("base", "mid", "sft", "rl")
@@ -49,7 +51,6 @@ HEAD_FEATURES = (
     (r"^smear_", "smear (previous-token mixing)"),
     (r"^backout_lambda$", "backout"),
 )
-_TORCH_NAMES = {"c_proj_attn": "c_proj", "c_proj_mlp": "c_proj"}  # ours are unique by name, the reference nests them
 
 
 class ConversionError(ValueError):
@@ -174,12 +175,27 @@ def find_checkpoint(source: str | Path, step: int | None = None) -> tuple[Path, 
     return model_path, meta_path, step
 
 
-def expected_keys(n_layer: int) -> set[str]:
-    keys = {"transformer.wte.weight", "lm_head.weight"}
-    for i in range(n_layer):
-        keys |= {f"transformer.h.{i}.attn.{m}.weight" for m in ("c_q", "c_k", "c_v", "c_proj")}
-        keys |= {f"transformer.h.{i}.mlp.{m}.weight" for m in ("c_fc", "c_proj")}
-    return keys
+def torch_name(path) -> tuple[str, bool]:
+    """(nanochat's state_dict key, whether its weight is transposed) of the jaxchat parameter at `path`: the two
+    models name their weights alike (ours nest `attn`/`mlp` under `blocks`, theirs under `transformer.h`)."""
+    names = sharding.path_names(path)
+    if names == ("wte",):
+        return "transformer.wte.weight", False
+    if names == ("lm_head", "kernel"):
+        return "lm_head.weight", True  # torch Linear stores (out, in); our kernels are (in, out)
+    if names[0] == "blocks" and names[-1] == "kernel":
+        return f"transformer.h.{'.'.join(names[1:-1])}.weight", True
+    raise ConversionError(f"no nanochat counterpart for jaxchat parameter {'.'.join(names)}")
+
+
+def expected_keys(model_config: dict) -> set[str]:
+    """Every state_dict key the model `model_config` describes has: one per jaxchat parameter."""
+    import jax
+
+    from jaxchat import model
+
+    _, abstract = model.abstract_params(gpt_config(model_config))
+    return {torch_name(path)[0] for path, _ in jax.tree_util.tree_leaves_with_path(abstract)}
 
 
 def check_architecture(state: dict, model_config: dict, source: str = "checkpoint") -> None:
@@ -192,7 +208,7 @@ def check_architecture(state: dict, model_config: dict, source: str = "checkpoin
         raise ConversionError(f"{source}: model_config window_pattern={windows!r} means sliding-window attention, "
                               "a later nanochat feature jaxchat's model does not have; converting it would silently "
                               "change what every short-window layer attends to")
-    expected = expected_keys(model_config["n_layer"])
+    expected = expected_keys(model_config)
     extra = sorted(set(state) - expected)
     if extra:
         key = extra[0]
@@ -216,10 +232,6 @@ def gpt_config(model_config: dict):
                      n_embd=model_config["n_embd"], sequence_len=model_config["sequence_len"])
 
 
-def _names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def convert_params(state: dict, model_config: dict, source: str = "checkpoint") -> dict:
     """nanochat state_dict (torch names, (out, in) weights) -> jaxchat's params pytree of fp32 numpy arrays."""
     import jax
@@ -232,16 +244,7 @@ def convert_params(state: dict, model_config: dict, source: str = "checkpoint") 
     _, abstract = model.abstract_params(gpt_config(model_config))
 
     def one(path, target):
-        names = _names(path)
-        if names == ("wte",):
-            key, transpose = "transformer.wte.weight", False
-        elif names == ("lm_head", "kernel"):
-            key, transpose = "lm_head.weight", True
-        elif names[0] == "blocks" and names[-1] == "kernel":
-            _, layer, sub, module, _ = names
-            key, transpose = f"transformer.h.{layer}.{sub}.{_TORCH_NAMES.get(module, module)}.weight", True
-        else:
-            raise ConversionError(f"no nanochat counterpart for jaxchat parameter {'.'.join(names)}")
+        key, transpose = torch_name(path)
         weight = np.asarray(state[key], np.float32)
         if key in ("transformer.wte.weight", "lm_head.weight"):
             if weight.shape[0] < vocab:
@@ -250,7 +253,7 @@ def convert_params(state: dict, model_config: dict, source: str = "checkpoint") 
         weight = weight.T if transpose else weight
         if weight.shape != target.shape:
             raise ConversionError(f"{source}: {key} has shape {state[key].shape}, which does not fit jaxchat's "
-                                  f"{'.'.join(names)} {target.shape} for model_config {model_config}")
+                                  f"{'.'.join(sharding.path_names(path))} {target.shape} for model_config {model_config}")
         return np.ascontiguousarray(weight)
 
     return jax.tree_util.tree_map_with_path(one, abstract)
@@ -413,6 +416,7 @@ def convert(source, *, step=None, run=None, stage=None, tokenizer="auto", log=pr
 
     from jaxchat import paths
     from jaxchat.checkpoint import Checkpointer
+    from jaxchat.tokenizer import config_dir
 
     model_path, meta_path, step = find_checkpoint(source, step)
     directory = model_path.parent
@@ -443,11 +447,11 @@ def convert(source, *, step=None, run=None, stage=None, tokenizer="auto", log=pr
         if tok.vocab_size != config.vocab_size:
             raise ConversionError(f"{tok_path} has {tok.vocab_size:,} ids but the model's vocab_size is "
                                   f"{config.vocab_size:,}: they are not from the same nanochat run")
-        out["tokenizer"] = _save_tokenizer(tok, paths.tokenizer_dir(run))
+        out["tokenizer"] = _save_tokenizer(tok, config_dir(config))
         log(f"tokenizer: {tok_path} -> {out['tokenizer']} ({tok.vocab_size:,} ids)")
     elif tokenizer == "auto":
         log(f"tokenizer: none found beside {directory}; pass --tokenizer=<nanochat base dir>/tokenizer/tokenizer.pkl "
-            f"(chat, eval and serve need one at {paths.tokenizer_dir(run)})")
+            f"(chat, eval and serve need one at {config_dir(config)})")
 
     config_path = paths.run_dir(run) / "config.py"
     config_path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ so. A GPU run that picks cuDNN needs the same memory or less.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
@@ -25,7 +26,7 @@ import jax
 import numpy as np
 
 from jaxchat import config as C
-from jaxchat import engine, model, optim, sharding, train_step
+from jaxchat import engine, hardware, model, optim, sharding, train_step
 
 HPARAMS = {"lrm": 1.0, "momentum": 0.95}
 PREALLOCATE = 0.75  # JAX's default XLA_PYTHON_CLIENT_MEM_FRACTION
@@ -43,12 +44,12 @@ class TrainProgram:
         self.cfg, self.attention = cfg, attention
         self.d = C.derive(cfg, len(devices))
         self.mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, devices=devices)
-        self.gcfg = model.GPTConfig.from_config(cfg, attention=attention)
+        self.gcfg = C.model_config(cfg, attention=attention)
         graphdef, abstract = model.abstract_params(self.gcfg)
         self.tx = optim.make_optimizer(cfg, self.d)
         abstract_state = jax.eval_shape(self.tx.init, abstract)
         self.ps = sharding.param_shardings(abstract, self.mesh)
-        self.ss = sharding.state_shardings(abstract_state, abstract, self.mesh)
+        self.ss = sharding.state_shardings(self.tx, abstract, self.mesh)
         self.bs = sharding.batch_sharding(self.mesh)
         step = train_step.jit_train_step(graphdef, self.tx, param_shardings=self.ps, state_shardings=self.ss,
                                          batch_sharding=self.bs)
@@ -86,7 +87,7 @@ class TrainProgram:
     def figures(self, dt: float, peak: float = 0.0) -> dict:
         kind = jax.devices()[0].device_kind
         tokens_per_s = self.d.total_batch_size / dt
-        mfu = C.mfu(self.d.flops_per_token, tokens_per_s, kind, self.d.n_devices, peak or self.cfg.peak_flops)
+        mfu = hardware.mfu(self.d.flops_per_token, tokens_per_s, kind, self.d.n_devices, peak or self.cfg.peak_flops)
         return {"step_ms": round(dt * 1e3, 2), "tokens_per_s": round(tokens_per_s, 1),
                 "mfu_percent": None if mfu is None else round(mfu, 2)}
 
@@ -169,29 +170,30 @@ def collective_bytes(hlo_text: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The engine's programs (one device: the engine does not shard yet)
+# The engine's programs (one device: a server's rows; evaluations split theirs over the devices)
 
 
 def engine_programs(cfg, rows: int = SERVER_BATCH) -> dict:
-    """Compile prefill of one full-context prompt into `rows` sample rows and one decode step over a whole-context
-    cache, from abstract shapes; their per-device memory."""
-    gcfg = model.GPTConfig.from_config(cfg)
+    """Compile the prefill of one full-context prompt sampled into `rows` rows, its copy into a whole-context cache of
+    `rows` rows, and one decode step over that cache, from abstract shapes; their per-device memory (each program's
+    own: the prefill's does not count the generation cache, which it leaves alone)."""
+    gcfg = C.model_config(cfg)
     dtype = jax.numpy.dtype(gcfg.compute_dtype)  # the engine casts its params to the compute dtype once
     _, abstract = model.abstract_params(gcfg)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), abstract)
     S = engine.bucket(cfg.sequence_len, engine.MIN_CACHE_BUCKET)
-    cache = jax.eval_shape(lambda: engine.KVCache.zeros(gcfg, rows, S))
-    i32, u32, f32 = np.int32, np.uint32, np.float32
+    cache, fresh = (jax.eval_shape(lambda n=n: model.KVCache.zeros(gcfg, n, S)) for n in (rows, 1))
     spec = lambda shape, t: jax.ShapeDtypeStruct(shape, t)  # noqa: E731
+    sampling = engine.Sampling(*(spec((rows,), t) for t in (np.uint32, np.uint32, np.float32, np.int32, np.float32)))
     k = min(engine.DEFAULT_MAX_TOP_K, gcfg.vocab_size)
-    out = {}
-    prefill = engine.prefill.lower(gcfg, k, params, cache, spec((1, S), i32), spec((1,), i32), spec((rows, 2), u32),
-                                   spec((rows,), f32), spec((rows,), i32)).compile()
-    decode = engine.decode_step.lower(gcfg, k, params, cache, spec((rows,), i32), spec((rows, 2), u32),
-                                      spec((), i32), spec((rows,), f32), spec((rows,), i32)).compile()
-    for name, compiled in (("prefill", prefill), ("decode", decode)):
-        out[name] = {**memory_of(compiled), "flops": flops_of(compiled), "rows": rows, "cache_len": S}
-    return out
+    lowered = {
+        "prefill": engine.prefill.lower(gcfg, k, params, spec((1, S), np.int32), spec((1,), np.int32), sampling),
+        "insert": engine.insert.lower(cache, fresh, spec((), np.int32), rows),
+        "decode": engine.decode.lower(gcfg, k, params, cache, spec((rows,), np.int32), spec((rows,), np.int32),
+                                      sampling),
+    }
+    compiled = {name: program.compile() for name, program in lowered.items()}
+    return {name: {**memory_of(c), "flops": flops_of(c), "rows": rows, "cache_len": S} for name, c in compiled.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -266,21 +268,20 @@ def describe(r: Report) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(prog="python -m jaxchat.dryrun", description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, default=8, metavar="N", help="emulated devices (default 8)")
+    ap.add_argument("--device-memory-gib", type=float, default=None, metavar="GIB",
+                    help="memory per device (default: the config's device_memory_gib)")
+    ap.add_argument("--no-engine", type=C.boolean, nargs="?", const=True, default=False, metavar="1|0",
+                    help="skip the engine's prefill and decode (--no-engine or --no-engine=1)")
     try:
-        cfg, rest = C.parse_args(argv)
-        opts = {}
-        for arg in rest:
-            key, sep, value = arg.lstrip("-").partition("=")
-            if not sep or key not in ("devices", "device-memory-gib", "no-engine"):
-                raise C.ConfigError(f"unknown argument {arg!r} (usage: --config=PATH [--config.x=y ...] --devices=N "
-                                    f"[--device-memory-gib=N, default the config's device_memory_gib] [--no-engine=1])")
-            opts[key] = value
-        n = int(opts.get("devices", 8))
+        cfg, args = C.parse_command(argv, ap)
+        n = args.devices
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", n)
-        if "device-memory-gib" in opts:
-            cfg = C.apply_overrides(cfg, {"device_memory_gib": opts["device-memory-gib"]})
-        report = dry_run(cfg, n, with_engine=not opts.get("no-engine"), log=lambda m: print(m, file=sys.stderr))
+        if args.device_memory_gib is not None:
+            cfg.device_memory_gib = args.device_memory_gib
+        report = dry_run(cfg, n, with_engine=not args.no_engine, log=lambda m: print(m, file=sys.stderr))
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

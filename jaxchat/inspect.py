@@ -106,36 +106,35 @@ def describe(path, *, verify: bool = False) -> str:
                             "a stage dir, or a checkpoints dir with numbered step dirs")
 
 
-def describe_config(argv: list[str]) -> str:
-    """Parameter shapes of the model a config builds, from `jax.eval_shape`: no weights are allocated."""
-    import jax
-
-    from jaxchat import config as C
+def describe_config(config) -> str:
+    """Parameter shapes of the model `config` builds, from `jax.eval_shape`: no weights are allocated."""
     from jaxchat import model
+    from jaxchat.config import model_config
 
-    config, rest = C.parse_args(argv)
-    if rest:
-        raise C.ConfigError(f"unknown arguments {rest}")
-    _, abstract = model.abstract_params(model.GPTConfig.from_config(config))
-    shapes = {ckpt._path_str(p): (tuple(x.shape), x.dtype) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+    _, abstract = model.abstract_params(model_config(config))
+    shapes = ckpt.leaf_shapes(abstract)
     return "\n".join([f"config: {config.run} (shapes via jax.eval_shape)"] + param_table(shapes))
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a.startswith("--config") for a in argv):
-        from jaxchat.config import ConfigError
+    from jaxchat import config as C
 
-        try:
-            print(describe_config(argv))
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="python -m jaxchat.inspect", description=__doc__.splitlines()[0])
-    ap.add_argument("path", help="run dir, stage dir, checkpoints dir or step dir")
+    ap.add_argument("path", nargs="?", help="run dir, stage dir, checkpoints dir or step dir (none with --config)")
     ap.add_argument("--verify", action="store_true", help="re-read every file against its checksum (slow)")
-    args = ap.parse_args(argv)
+    try:
+        config, args = C.parse_command(argv, ap, required=False)
+        if config is not None:  # the model a config builds, not a checkpoint
+            if args.path or args.verify:
+                ap.error("--config describes a config's model: give it no path and no --verify")
+            print(describe_config(config))
+            return 0
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.path is None:
+        ap.error("give a run, stage, checkpoints or step dir, or --config=configs/<name>.py")
     from absl import logging as absl_logging  # orbax logs its read-only notices at WARNING: not for this report
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:

@@ -15,9 +15,12 @@ Notable features (all as the reference):
 
 Kernels are stored (in, out) as in `x @ W`; the optimizer's shape rules know this (see muon.py).
 The training path is functional: `nnx.split` once, then `forward(graphdef, params, ...)` merges inside the jitted loss.
+One block loop (`GPT.hidden`) serves training, prefill and decode: given a `KVCache` (per layer (B, H_kv, S, D), the
+layout decode reads fastest) the same forward writes the new tokens' K/V and attends over the cache
+(`forward_cached`); engine.py builds the generation programs on it.
 Memory (config `remat`, `loss_chunk`): per-block rematerialisation (`remat_block`), and a cross-entropy that never
 holds the whole batch's logits (`chunked_token_losses`, behind `forward_losses`, the one path of every loss).
-`PARAM_AXES` names each parameter's logical axes; sharding.py maps them onto the mesh.
+`PARAM_AXES` names each parameter's logical axes by its full path; sharding.py maps them onto the mesh.
 """
 from __future__ import annotations
 
@@ -31,17 +34,26 @@ from flax import nnx
 
 from jaxchat import sharding
 
-# Logical axes of every parameter, by its name in the module tree. The model never names mesh axes.
+# Logical axes of every parameter, by its full path in the params tree ("*" stands for a layer's index). The model
+# never names mesh axes: sharding.py maps these onto the mesh. A parameter missing here is an error, not a guess.
 PARAM_AXES = {
-    "wte": ("vocab", "embed"),
-    "c_q": ("embed", "heads"),
-    "c_k": ("embed", "kv_heads"),
-    "c_v": ("embed", "kv_heads"),
-    "c_proj_attn": ("heads", "embed"),
-    "c_fc": ("embed", "mlp"),
-    "c_proj_mlp": ("mlp", "embed"),
-    "lm_head": ("embed", "vocab"),
+    ("wte",): ("vocab", "embed"),
+    ("blocks", "*", "attn", "c_q", "kernel"): ("embed", "heads"),
+    ("blocks", "*", "attn", "c_k", "kernel"): ("embed", "kv_heads"),
+    ("blocks", "*", "attn", "c_v", "kernel"): ("embed", "kv_heads"),
+    ("blocks", "*", "attn", "c_proj", "kernel"): ("heads", "embed"),
+    ("blocks", "*", "mlp", "c_fc", "kernel"): ("embed", "mlp"),
+    ("blocks", "*", "mlp", "c_proj", "kernel"): ("mlp", "embed"),
+    ("lm_head", "kernel"): ("embed", "vocab"),
 }
+
+
+def param_axes(path) -> tuple[str, ...]:
+    """The logical axes of the parameter at `path` (a jax key path or a tuple of names)."""
+    names = tuple("*" if n.isdigit() else n for n in sharding.path_names(path))
+    if names not in PARAM_AXES:
+        raise KeyError(f"no logical axes for parameter {'/'.join(names)}; add it to model.PARAM_AXES")
+    return PARAM_AXES[names]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,36 +74,6 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-    @classmethod
-    def from_config(cls, config, attention: str = "xla") -> GPTConfig:
-        from jaxchat.config import model_shape
-
-        model_dim, n_head, n_kv_head, _ = model_shape(config)
-        return cls(
-            vocab_size=config.vocab_size,
-            n_layer=config.depth,
-            n_head=n_head,
-            n_kv_head=n_kv_head,
-            n_embd=model_dim,
-            sequence_len=config.sequence_len,
-            rope_base=config.rope_base,
-            softcap=config.softcap,
-            compute_dtype=config.compute_dtype,
-            attention=attention,
-            remat=config.get("remat", "none"),
-            loss_chunk=loss_chunk_positions(config),
-        )
-
-
-def loss_chunk_positions(config) -> int:
-    """The config's `loss_chunk` (tokens per device per chunk) as positions of every row: the loss sees a device's
-    `device_batch_size` rows at once. 0 (unchunked) when the chunk covers whole rows."""
-    tokens, rows = config.get("loss_chunk", 0), config.get("device_batch_size", 1)
-    if tokens <= 0:
-        return 0
-    positions = max(1, tokens // (rows if isinstance(rows, int) and rows > 0 else 1))
-    return 0 if positions >= config.sequence_len else positions
 
 
 def rms_norm(x):
@@ -117,21 +99,8 @@ def apply_rotary(x_BxTxHxD, cos, sin):
     return jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], axis=-1)
 
 
-# The block's math as pure functions of the projections (callables), shared by the NNX modules below and by the
-# engine's cached forward (engine.py), which applies them to the params dict: one definition of the model.
-
-
-def project_qkv(cfg, x_BxTxD, c_q, c_k, c_v, cos, sin):
-    """q (B, T, H, D), k and v (B, T, H_kv, D); rotary first, then QK-norm, as the reference."""
-    B, T, _ = x_BxTxD.shape
-    q = c_q(x_BxTxD).reshape(B, T, cfg.n_head, cfg.head_dim)
-    k = c_k(x_BxTxD).reshape(B, T, cfg.n_kv_head, cfg.head_dim)
-    v = c_v(x_BxTxD).reshape(B, T, cfg.n_kv_head, cfg.head_dim)
-    return rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin)), v
-
-
-def relu2_mlp(x, c_fc, c_proj):
-    return c_proj(jnp.square(jax.nn.relu(c_fc(x))))
+def relu2(x):
+    return jnp.square(jax.nn.relu(x))
 
 
 def softcapped_logits(cfg, x, lm_head):
@@ -178,18 +147,71 @@ class Attention(nnx.Module):
         self.c_k = Linear(d, cfg.n_kv_head * hd, rngs=rngs)
         self.c_v = Linear(d, cfg.n_kv_head * hd, rngs=rngs)
         # Zero-init so each residual branch starts as a no-op: the untrained model is the embedding alone.
-        self.c_proj_attn = Linear(cfg.n_head * hd, d, zero_init=True, rngs=rngs)
+        self.c_proj = Linear(cfg.n_head * hd, d, zero_init=True, rngs=rngs)
 
-    def __call__(self, x_BxTxD, cos, sin, mask=None):
+    def __call__(self, x_BxTxD, cos, sin, kv=None, positions_BxT=None):
+        """(output, kv). Without a cache (`kv` None): causal attention over the T tokens. With a layer's cache (k, v),
+        each (B', H_kv, S, D) with B' >= B: the tokens' K/V are written at `positions_BxT` of rows 0..B-1, and each
+        query attends over its row's cached positions up to its own."""
         cfg = self.cfg
         B, T, _ = x_BxTxD.shape
-        q, k, v = project_qkv(cfg, x_BxTxD, self.c_q, self.c_k, self.c_v, cos, sin)
-        # GQA: K/V keep n_kv_head heads; the kernels group the queries over them without a copy.
-        if mask is None:
+        q = self.c_q(x_BxTxD).reshape(B, T, cfg.n_head, cfg.head_dim)
+        k = self.c_k(x_BxTxD).reshape(B, T, cfg.n_kv_head, cfg.head_dim)
+        v = self.c_v(x_BxTxD).reshape(B, T, cfg.n_kv_head, cfg.head_dim)
+        q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))  # rotary, then QK-norm
+        if kv is None:
+            # GQA: K/V keep n_kv_head heads; the kernels group the queries over them without a copy.
             y = causal_attention(q, k, v, _impl(cfg, q.dtype))
-        else:  # explicit masks (packed documents, cached decoding) go through XLA
-            y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-        return self.c_proj_attn(y.reshape(B, T, cfg.n_head * cfg.head_dim))
+        else:
+            kv = tuple(write_kv(c, new, positions_BxT) for c, new in zip(kv, (k, v)))
+            y = cached_attention(q, kv[0][:B], kv[1][:B], positions_BxT)
+        return self.c_proj(y.reshape(B, T, cfg.n_head * cfg.head_dim)), kv
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The KV cache. Stored (B, H_kv, S, D) per layer: decode's two attention einsums then read it in place, where the
+# (B, S, H_kv, D) layout made XLA transpose the whole cache on every call (decode steps 1.5-1.9x slower on CPU,
+# bench/RESULTS.md). One buffer per layer, so a donated cache is updated in place, layer by layer.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    k: tuple  # per layer (B, H_kv, S, D) in the compute dtype; GQA/MQA store only the kv heads
+    v: tuple
+    lengths_B: jax.Array  # int32: valid positions per row; row b's next token goes to position lengths_B[b]
+
+    @classmethod
+    def zeros(cls, cfg: GPTConfig, batch: int, max_len: int) -> KVCache:
+        shape, dtype = (batch, cfg.n_kv_head, max_len, cfg.head_dim), jnp.dtype(cfg.compute_dtype)
+        layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layer))  # noqa: E731
+        return cls(layers(), layers(), jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+
+def write_kv(cache_BxKxSxD, new_bxTxKxD, positions_bxT):
+    """The new tokens' K (or V) written into rows 0..b-1 at their positions. mode="drop": a position past the end of
+    the cache (a finished row still being fed) writes nowhere; the default clamping would overwrite its last key."""
+    rows_bx1 = jnp.arange(new_bxTxKxD.shape[0])[:, None]
+    return cache_BxKxSxD.at[rows_bx1, :, positions_bxT].set(new_bxTxKxD.astype(cache_BxKxSxD.dtype), mode="drop")
+
+
+def cached_attention(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, positions_BxT):
+    """Each query attends over the cached keys at positions <= its own, which hides the padding of right-padded
+    prompts and anything past a row's length. Scores and softmax in fp32. (Explicit positions, never `is_causal`:
+    its mask is top-left aligned, wrong when the keys outnumber the queries.)"""
+    B, T, H, D = q_BxTxHxD.shape
+    K, S = k_BxKxSxD.shape[1], k_BxKxSxD.shape[2]
+    q = q_BxTxHxD.reshape(B, T, K, H // K, D)
+    f32 = dict(preferred_element_type=jnp.float32)
+    s = jnp.einsum("btkgd,bksd->bkgts", q, k_BxKxSxD, **f32) / math.sqrt(D)
+    visible_BxTxS = jnp.arange(S)[None, None, :] <= positions_BxT[:, :, None]
+    p = jax.nn.softmax(jnp.where(visible_BxTxS[:, None, None], s, -jnp.inf), axis=-1)
+    y = jnp.einsum("bkgts,bksd->btkgd", p.astype(v_BxKxSxD.dtype), v_BxKxSxD, **f32)
+    return y.astype(q_BxTxHxD.dtype).reshape(B, T, H, D)
 
 
 def _impl(cfg: GPTConfig, dtype) -> str:
@@ -354,10 +376,10 @@ def resolve_attention(requested: str, platform: str) -> tuple[str, str]:
 class MLP(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, rngs=rngs)
-        self.c_proj_mlp = Linear(4 * cfg.n_embd, cfg.n_embd, zero_init=True, rngs=rngs)
+        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd, zero_init=True, rngs=rngs)
 
     def __call__(self, x):
-        return relu2_mlp(x, self.c_fc, self.c_proj_mlp)
+        return self.c_proj(relu2(self.c_fc(x)))
 
 
 class Block(nnx.Module):
@@ -365,9 +387,10 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask=None):
-        x = x + self.attn(rms_norm(x), cos, sin, mask)
-        return x + self.mlp(rms_norm(x))
+    def __call__(self, x, cos, sin, kv=None, positions_BxT=None):
+        y, kv = self.attn(rms_norm(x), cos, sin, kv, positions_BxT)
+        x = x + y
+        return x + self.mlp(rms_norm(x)), kv
 
 
 class GPT(nnx.Module):
@@ -378,22 +401,38 @@ class GPT(nnx.Module):
         # Zero-init head: the first prediction is uniform, loss starts at exactly ln(vocab).
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, zero_init=True, rngs=rngs)
 
-    def __call__(self, idx_BxT, positions_BxT=None, mask=None):
-        return softcapped_logits(self.cfg, self.hidden(idx_BxT, positions_BxT, mask), self.lm_head)
+    def __call__(self, idx_BxT, cache: KVCache | None = None, *, last_B=None):
+        """(logits, cache): (B, T, V) fp32 logits, or (B, V) at each row's position `last_B` when given (the head is
+        the largest matmul at a large vocabulary; prefill and classification need one position per row)."""
+        x, cache = self.hidden(idx_BxT, cache)
+        if last_B is not None:
+            x = jnp.take_along_axis(x, last_B[:, None, None], axis=1)[:, 0]
+        return softcapped_logits(self.cfg, x, self.lm_head), cache
 
-    def hidden(self, idx_BxT, positions_BxT=None, mask=None):
-        """The residual stream after the last block (B, T, D), before the final norm and the head."""
+    def hidden(self, idx_BxT, cache: KVCache | None = None):
+        """(the residual stream after the last block (B, T, D), cache): the one block loop of training, prefill and
+        decode. Without a cache the tokens are positions 0..T-1 of their rows. With one, row b's tokens continue it
+        at `cache.lengths_B[b]` (rows 0..B-1 of a cache that may hold more), their K/V are written, and those rows'
+        lengths in the returned cache grow by T."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.compute_dtype)
         B, T = idx_BxT.shape
-        if positions_BxT is None:
-            positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if cache is not None:
+            positions_BxT = cache.lengths_B[:B, None] + positions_BxT
         cos, sin = rotary_tables(positions_BxT, cfg.head_dim, cfg.rope_base, dtype)
         # Rows over every device: the gather would otherwise inherit the table's sharding (sharding.py says why).
         x = sharding.constrain(embed(cfg, self.wte[...], idx_BxT), ("batch", None, None))
-        for block in self.blocks:
-            x = remat_block(cfg.remat, block, x, cos, sin, mask)
-        return x
+        if cache is None:
+            for block in self.blocks:
+                x = remat_block(cfg.remat, block, x, cos, sin)
+            return x, None
+        ks, vs = [], []
+        for block, kv in zip(self.blocks, zip(cache.k, cache.v)):
+            x, (k, v) = block(x, cos, sin, kv, positions_BxT)
+            ks.append(k)
+            vs.append(v)
+        return x, KVCache(tuple(ks), tuple(vs), cache.lengths_B.at[:B].add(T))
 
 
 # Per-block rematerialisation: what a block keeps from its forward pass for the backward, the rest is recomputed.
@@ -407,19 +446,20 @@ REMAT_POLICIES = {
 }
 
 
-def remat_block(remat: str, block, x, cos, sin, mask=None):
+def remat_block(remat: str, block, x, cos, sin):
     if remat == "none":
-        return block(x, cos, sin, mask)
+        return block(x, cos, sin)[0]
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat {remat!r} is not one of {', '.join(REMAT_POLICIES)}")
     graphdef, state = nnx.split(block)
 
     def run(state, x, cos, sin):
-        return nnx.merge(graphdef, state)(x, cos, sin, mask)
+        return nnx.merge(graphdef, state)(x, cos, sin)[0]
 
     return jax.checkpoint(run, policy=REMAT_POLICIES[remat])(state, x, cos, sin)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
 # ----------------------------------------------------------------------------------------------------------------------
 # The functional core used by the training step: pure functions of (params, batch).
 
@@ -436,6 +476,13 @@ def abstract_params(cfg: GPTConfig):
     return graphdef, nnx.to_pure_dict(state)
 
 
+@functools.lru_cache(maxsize=16)
+def graphdef(cfg: GPTConfig):
+    """The model's graph definition (its structure and static config, no weights), made once per config: what the
+    programs built from a config alone (engine.py) merge their params dict into."""
+    return abstract_params(cfg)[0]
+
+
 def compute_params(cfg: GPTConfig, params):
     """The weights as the forward uses them: every matrix but the embedding table cast to the compute dtype, once,
     while still sharded, so FSDP all-gathers bf16 (half the bytes, half the gathered copy). The fp32 masters stay with
@@ -445,10 +492,9 @@ def compute_params(cfg: GPTConfig, params):
     dtype = jnp.dtype(cfg.compute_dtype)
 
     def cast(path, p):
-        name = _param_name(path)
-        if name == "wte" or p.dtype == dtype:
+        if sharding.path_names(path) == ("wte",) or p.dtype == dtype:
             return p
-        return sharded_cast(p, dtype, PARAM_AXES[name])
+        return sharded_cast(p, dtype, param_axes(path))
 
     return jax.tree_util.tree_map_with_path(cast, params)
 
@@ -472,26 +518,29 @@ def _sharded_cast_bwd(dtype, axes, like, g):
 sharded_cast.defvjp(_sharded_cast_fwd, _sharded_cast_bwd)
 
 
-def _param_name(path) -> str:
-    names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-    return next(n for n in reversed(names) if n in PARAM_AXES)
-
-
 def compute_model(graphdef, params) -> GPT:
     """The GPT merged from its fp32 params, with its weights as `compute_params` makes them."""
     cfg = nnx.merge(graphdef, params).cfg  # the config is a static attribute of the graph (trace-time only)
     return nnx.merge(graphdef, compute_params(cfg, params))
 
 
-def forward(graphdef, params, idx_BxT, positions_BxT=None, mask=None):
-    return compute_model(graphdef, params)(idx_BxT, positions_BxT, mask)
+def forward(graphdef, params, idx_BxT, *, last_B=None):
+    """Logits (B, T, V) of tokens at positions 0..T-1, or (B, V) at each row's position `last_B`."""
+    return compute_model(graphdef, params)(idx_BxT, last_B=last_B)[0]
 
 
-def forward_losses(graphdef, params, inputs_BxT, targets_BxT, positions_BxT=None, mask=None):
+def forward_cached(graphdef, params, idx_BxT, cache: KVCache, *, last_B=None):
+    """(logits, cache): the tokens continue rows 0..B-1 of the cache (see `GPT.hidden`), attending over every cached
+    position (a decode step's cost follows the cache's length: engine.py keeps it a bucket of the live length);
+    `last_B` as in `forward`, counted within the new tokens."""
+    return compute_model(graphdef, params)(idx_BxT, cache, last_B=last_B)
+
+
+def forward_losses(graphdef, params, inputs_BxT, targets_BxT):
     """(per-token cross-entropy, valid mask), as `token_losses(forward(...), targets)` but without the full (B, T, V)
     logits when the config chunks the loss (`chunked_token_losses`). Every training loss and the validation bpb use it."""
     gpt = compute_model(graphdef, params)
-    x_BxTxD = gpt.hidden(inputs_BxT, positions_BxT, mask)
+    x_BxTxD, _ = gpt.hidden(inputs_BxT)
     return chunked_token_losses(gpt.cfg, x_BxTxD, gpt.lm_head.kernel[...], targets_BxT)
 
 

@@ -23,15 +23,9 @@ import optax
 from jaxchat import sharding
 from jaxchat.muon import coefficients, muon
 
-GROUPS = ("muon", "embedding", "unembedding")
-
-
-def _path_names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
 
 def label_for(path, leaf) -> str:
-    names = _path_names(path)
+    names = sharding.path_names(path)
     if names[0] == "blocks":
         if leaf.ndim != 2:
             raise ValueError(f"block parameter {'/'.join(names)} has shape {leaf.shape}; Muon takes 2-D matrices only")

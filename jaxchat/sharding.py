@@ -10,8 +10,9 @@ are used and reduce-scatters their gradients right after, and the optimizer upda
 arithmetic is the same as plain data parallelism (every device still computes its own rows through the full model);
 only where the bytes live changes, which is what lets d26/d32 plus AdamW/Muon state fit in 80 GB.
 
-The model names logical axes (`model.PARAM_AXES`); `RULES` below maps them to mesh axes. Changing the parallelism means
-editing this table, never the model. A dimension the mesh axis does not divide stays replicated (tiny test models).
+The model names each parameter's logical axes by its path (`model.PARAM_AXES`); `RULES` below maps them to mesh axes.
+Changing the parallelism means editing this table, never the model. A dimension the mesh axis does not divide stays
+replicated (tiny test models).
 
 Activations are pinned too (`constrain`): the residual stream's rows are split over every device. Without that the
 embedding gather's output inherits the table's sharding (split on `embed`, rows replicated), and every device then
@@ -27,6 +28,7 @@ import os
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
@@ -59,18 +61,16 @@ def make_mesh(n_data: int = 0, n_fsdp: int = 0, devices=None) -> Mesh:
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
-def _names(path) -> tuple[str, ...]:
+def path_names(path) -> tuple[str, ...]:
+    """A jax key path (or a tuple of names) as plain names: ("blocks", "0", "attn", "c_q", "kernel")."""
     return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def logical_axes(path) -> tuple[str, ...]:
-    """The logical axes of a parameter from the innermost module name on its path that PARAM_AXES knows."""
-    from jaxchat.model import PARAM_AXES  # here, not at the top: the model imports this module for `constrain`
+    """The logical axes the model declares for the parameter at `path` (model.PARAM_AXES)."""
+    from jaxchat.model import param_axes  # here, not at the top: the model imports this module for `constrain`
 
-    for name in reversed(_names(path)):
-        if name in PARAM_AXES:
-            return PARAM_AXES[name]
-    raise KeyError(f"no logical axes for parameter {'/'.join(_names(path))}; add it to model.PARAM_AXES")
+    return param_axes(path)
 
 
 def spec_for(axes: tuple[str | None, ...], shape, mesh) -> P:
@@ -100,23 +100,15 @@ def param_shardings(params, mesh: Mesh):
     )
 
 
-def state_shardings(state, params, mesh: Mesh):
-    """Shardings for an optimizer state: a leaf under a parameter's path with its shape follows that parameter."""
-    by_path = {}  # parameter path -> (shape, sharding)
-    jax.tree_util.tree_map_with_path(
-        lambda p, x: by_path.__setitem__(_names(p), (x.shape, NamedSharding(mesh, spec_for(logical_axes(p), x.shape, mesh)))),
-        params,
-    )
-
-    def leaf_sharding(path, x):
-        names = _names(path)
-        for i in range(len(names)):
-            shape, sharding = by_path.get(names[i:], (None, None))
-            if shape == x.shape:
-                return sharding
-        return NamedSharding(mesh, P())  # step counts and other scalars
-
-    return jax.tree_util.tree_map_with_path(leaf_sharding, state)
+def state_shardings(tx, params, mesh: Mesh):
+    """Shardings for `tx`'s optimizer state over `params` (arrays or ShapeDtypeStructs): every copy of the parameter
+    tree inside the state (moments, momentum buffers) follows the parameters' shardings, found by optax from the
+    optimizer's own structure; everything else (step counts, scalars) is replicated."""
+    state = jax.eval_shape(tx.init, params)
+    masked = optax.MaskedNode  # a parameter another group of optax.multi_transform owns: no state here
+    return optax.tree_map_params(tx, lambda x, s: x if isinstance(x, masked) else s, state,
+                                 param_shardings(params, mesh), transform_non_params=lambda _: NamedSharding(mesh, P()),
+                                 is_leaf=lambda x: isinstance(x, (NamedSharding, masked)))
 
 
 def batch_sharding(mesh: Mesh, accumulation_axis: bool = True) -> NamedSharding:

@@ -3,7 +3,10 @@
 - tokenizer: BPE on the first `tokenizer_max_chars` characters of the pretraining shards, then the compression table.
 - base: pretraining on the shards, stream or best-fit packed (`config.packing`), after checking that they hold the
   horizon; validation bits-per-byte on the pinned val shard.
-(mid, sft and rl plug in here as they land.)
+- mid, sft: the chat mixtures from the previous stage's weights; rl: policy-gradient rollouts from SFT's.
+
+run_stage (`train.py --stage=X`) trains a stage, then evaluates its last checkpoint once; run_all (`--stage=all`)
+runs every stage through it in order, then renders the report.
 """
 from __future__ import annotations
 
@@ -15,12 +18,11 @@ import jax
 import numpy as np
 
 from jaxchat import config as C
-from jaxchat import model, optim, paths, tok_eval, trainer
+from jaxchat import optim, paths, runlog, tok_eval, trainer
 from jaxchat.data import shards, tiny_corpus
 from jaxchat.data.datasets import SHARD_SPARE, download_command, get_dataset
 from jaxchat.data.pretrain import data_horizon, pretrain_dataset, val_batches
-from jaxchat.evaluate import report
-from jaxchat.tokenizer import Tokenizer, load_for_config, tokenizer_name  # noqa: F401 (tokenizer_name: re-exported)
+from jaxchat.tokenizer import Tokenizer, config_dir, load_for_config
 
 
 def prepare_data(config) -> None:
@@ -29,30 +31,17 @@ def prepare_data(config) -> None:
         tiny_corpus.ensure_tiny_corpus()
 
 
-def load_tokenizer(config) -> Tokenizer:
-    tok = load_for_config(config)
-    if tok.vocab_size != config.vocab_size:
-        # Retraining under the same name would replace the tokenizer other runs of this recipe use: name a new one.
-        directory = paths.tokenizer_dir(tokenizer_name(config))
-        raise C.ConfigError(
-            f"tokenizer {directory} has {tok.vocab_size:,} ids but the config's vocab_size is {config.vocab_size:,}; "
-            f"set --config.vocab_size={tok.vocab_size} to use it, or train one under another name: `"
-            + C.command(config, "train.py", f"--config.tokenizer={tokenizer_name(config)}-{config.vocab_size}",
-                        "--stage=tokenizer") + "` (and pass that --config.tokenizer to every stage)")
-    return tok
-
-
 def run_tokenizer(config, log=print) -> Tokenizer:
     prepare_data(config)
     train_paths, val_path = shards.list_shards(config.dataset)
     log(f"tokenizer: training {config.vocab_size:,} ids on up to {config.tokenizer_max_chars:,} chars of "
         f"{config.dataset} (docs cropped to {config.tokenizer_doc_cap:,} chars)")
     t0 = time.perf_counter()
-    texts = report.CharTally(shards.iter_texts(train_paths, max_chars=config.tokenizer_max_chars,
+    texts = runlog.CharTally(shards.iter_texts(train_paths, max_chars=config.tokenizer_max_chars,
                                                doc_cap=config.tokenizer_doc_cap))
     tok = Tokenizer.train(texts, config.vocab_size, progress=True)
     train_s = time.perf_counter() - t0
-    directory = tok.save(paths.tokenizer_dir(tokenizer_name(config)))
+    directory = tok.save(config_dir(config))
     log(f"tokenizer: trained in {time.perf_counter() - t0:.1f}s, saved to {directory}")
     samples = {
         f"{config.dataset}-train": "\n".join(shards.read_row_group(train_paths[0], 0)),
@@ -61,7 +50,7 @@ def run_tokenizer(config, log=print) -> Tokenizer:
     references, notes = tok_eval.load_reference_encoders()
     rows = tok_eval.compression_table(tok, samples, references)
     log(tok_eval.format_table(rows, notes))
-    report.write_section(config.run, "tokenizer", "tokenizer", {
+    runlog.write_section(config.run, "tokenizer", "tokenizer", {
         "vocab_size": tok.vocab_size, "dataset": config.dataset, "chars": texts.chars, "docs": texts.docs,
         "train_time_s": train_s, "wall_time_s": time.perf_counter() - t0, "compression": rows, "notes": notes})
     return tok
@@ -127,18 +116,15 @@ CHAT_SAMPLE_PROMPTS = (
 )
 
 
-def restore_params(config, stage: str, abstract):
-    """The newest `stage` checkpoint's params onto `abstract`'s shardings (how a stage starts from the previous one)."""
-    from jaxchat.checkpoint import Checkpointer
+def start_from(config, source: str):
+    """A Stage's init_params: the newest `source` checkpoint, FSDP-sharded over the stage's mesh."""
+    def init(mesh):
+        from jaxchat.checkpoint import load_params
 
-    directory = paths.run_dir(config.run, stage) / "checkpoints"
-    with Checkpointer(directory, async_save=False) as ckpt:
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"no {stage} checkpoint in {directory} — run "
-                                    f"`{C.command(config, 'train.py', f'--stage={stage}')}` first")
-        restored = ckpt.restore(abstract_params=abstract)
-    print(f"starting from {stage} step {restored.step:,} ({directory})", flush=True)
-    return restored.params
+        params, step = load_params(config, source, mesh=mesh)
+        print(f"starting from {source} step {step:,} ({paths.run_dir(config.run, source)})", flush=True)
+        return params
+    return init
 
 
 def packed_rows_per_conversation(lengths: list[int], capacity: int, buffer_size: int = 100) -> float:
@@ -226,7 +212,7 @@ def chat_stage(config, name: str, tokenizer, source: str) -> tuple[trainer.Stage
                     for p in CHAT_SAMPLE_PROMPTS)
     stage = trainer.Stage(
         name=name, num_iterations=n_steps, train_data=train_data, val_data=val_data, schedule=schedule,
-        init_params=lambda abstract: restore_params(config, source, abstract), sample_prompts=prompts,
+        init_params=start_from(config, source), sample_prompts=prompts,
         metrics=_metric_fn(config, sc, tokenizer) if name == "sft" else None,
         metrics_every=group.get("metric_every", -1),
     )
@@ -237,7 +223,8 @@ def _metric_fn(config, sc, tokenizer):
     """SFT's periodic categorical accuracy (the reference tracks MMLU and ARC-Easy); tasks without data are dropped."""
     from jaxchat.data.fetch import FetchError
     from jaxchat.data.hub import HubDatasetUnavailable
-    from jaxchat.evaluate.chat_eval import categorical_eval, make_last_logits
+    from jaxchat.engine import Engine
+    from jaxchat.evaluate.chat_eval import categorical_eval
     from jaxchat.tasks import eval_task
 
     tasks = {}
@@ -251,45 +238,17 @@ def _metric_fn(config, sc, tokenizer):
         tasks[name] = task
     if not tasks:
         return None
-    gcfg = model.GPTConfig.from_config(sc)
-    graphdef, _ = model.abstract_params(gcfg)
+    gcfg = C.model_config(sc)
     pidx, pcount = jax.process_index(), jax.process_count()
 
     def metrics(params) -> dict:
-        last_logits = make_last_logits(graphdef, params)
+        last_logits = Engine(gcfg, params, tokenizer).last_logits
         return {f"{name}_acc": categorical_eval(last_logits, tokenizer, task, seq_len=sc.sequence_len,
                                                 batch_size=sc.eval.batch_size, max_problems=sc.sft.metric_max_problems,
                                                 pidx=pidx, pcount=pcount).accuracy
                 for name, task in tasks.items()}
 
     return metrics
-
-
-def evaluate_if_new(config, stage: str, step: int, log=print) -> None:
-    """The stage's evaluation at the end of training, once per checkpoint step (re-running `all` does not repeat it)."""
-    import json
-
-    from jaxchat.evaluate.run import default_tasks, evaluate_stage
-
-    if not default_tasks(config, stage):
-        return
-    done = paths.run_dir(config.run, stage) / "eval.json"
-    try:
-        if json.loads(done.read_text()).get("step") == step:
-            log(f"{stage}: evaluation of step {step:,} already in {done}")
-            return
-    except (OSError, ValueError):
-        pass
-    evaluate_stage(config, stage, log=log)
-
-
-def run_chat_stage(config, name: str, tokenizer, log=print, evaluate: bool = True):
-    source = config.sft.source if name == "sft" else "base"
-    stage, sc = chat_stage(config, name, tokenizer, source)
-    result = trainer.run(sc, stage, tokenizer, log=log)
-    if result.completed and evaluate:
-        evaluate_if_new(config, name, result.step, log)
-    return result
 
 
 # ---- RL -------------------------------------------------------------------------------------------------------------
@@ -326,8 +285,7 @@ def rl_stage(config, tokenizer, train_task=None, test_task=None) -> tuple[traine
     sc.num_iterations = n_steps
     n_devices = len(jax.devices())
     derived = C.derive(sc, n_devices)
-    gcfg = model.GPTConfig.from_config(sc)
-    graphdef, _ = model.abstract_params(gcfg)
+    gcfg = derived.model
 
     def train_data(rows, slot, n_slots):
         return rl.Rollouts(train_task, tokenizer, gcfg, rows=rows, slot=slot, n_slots=n_slots,
@@ -349,49 +307,73 @@ def rl_stage(config, tokenizer, train_task=None, test_task=None) -> tuple[traine
         return {f"pass@{k + 1}": c / max(1, r.total) for k, c in enumerate(r.pass_at)}
 
     stage = trainer.Stage(name="rl", num_iterations=n_steps, train_data=train_data, val_data=None, schedule=schedule,
-                          loss_fn=rl.pg_loss, init_params=lambda abstract: restore_params(config, "sft", abstract),
+                          loss_fn=rl.pg_loss, init_params=start_from(config, "sft"),
                           sample_prompts=(), metrics=metrics if test_task is not None else None,
                           metrics_every=group.metric_every, row_keys=("advantages",))
     return stage, sc
 
 
-def run_rl_stage(config, tokenizer, log=print, evaluate: bool = True):
-    stage, sc = rl_stage(config, tokenizer)
-    result = trainer.run(sc, stage, tokenizer, log=log)
-    if result.completed and evaluate:
-        evaluate_if_new(config, "rl", result.step, log)
-    return result
-
+# ---- orchestration: the one place a stage's training is followed by its evaluation ----------------------------------
 
 STAGES = ("tokenizer", "base", "mid", "sft", "rl")
 
 
-def run_stage(config, stage: str, log=print):
-    if stage == "tokenizer":
-        return run_tokenizer(config, log)
-    tokenizer = load_tokenizer(config)
+def evaluate_if_new(config, stage: str, step: int, log=print) -> None:
+    """The stage's evaluation at the end of training, once per checkpoint step (re-running `all` does not repeat it)."""
+    import json
+
+    from jaxchat.evaluate.run import default_tasks, evaluate_stage
+
+    if not default_tasks(config, stage):
+        return
+    done = paths.run_dir(config.run, stage) / "eval.json"
+    try:
+        if json.loads(done.read_text()).get("step") == step:
+            log(f"{stage}: evaluation of step {step:,} already in {done}")
+            return
+    except (OSError, ValueError):
+        pass
+    evaluate_stage(config, stage, log=log)
+
+
+def train_stage(config, stage: str, tokenizer, log=print) -> trainer.Result:
+    """Train one model stage, resuming from its latest checkpoint (nothing is left to train when that is its last)."""
     if stage == "base":
         return trainer.run(config, base_stage(config, tokenizer, log), tokenizer, log=log)
     if stage in ("mid", "sft"):
-        return run_chat_stage(config, stage, tokenizer, log)
-    if stage == "rl":
-        return run_rl_stage(config, tokenizer, log)
-    raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(STAGES + ('all',))}")
+        spec, sc = chat_stage(config, stage, tokenizer, config.sft.source if stage == "sft" else "base")
+    elif stage == "rl":
+        spec, sc = rl_stage(config, tokenizer)
+    else:
+        raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(STAGES + ('all',))}")
+    return trainer.run(sc, spec, tokenizer, log=log)
+
+
+def run_stage(config, stage: str, log=print):
+    """`train.py --stage=<stage>`: train it, then evaluate its final checkpoint unless that step's evaluation is
+    already recorded. runs/speedrun.sh calls this once per stage and runs no evaluation of its own."""
+    if stage == "tokenizer":
+        return run_tokenizer(config, log)
+    result = train_stage(config, stage, load_for_config(config), log)
+    if result.completed:
+        evaluate_if_new(config, stage, result.step, log)
+    return result
 
 
 def run_all(config, log=print):
-    """Every stage in order; each resumes (or is skipped when complete) so re-running continues where it stopped."""
-    if not (paths.tokenizer_dir(tokenizer_name(config)) / "tokenizer.json").exists():
+    """Every stage through run_stage, in order, then the report; each resumes (or is skipped when complete, its
+    evaluation too), so re-running continues where it stopped."""
+    from jaxchat.evaluate import report
+
+    if not (config_dir(config) / "tokenizer.json").exists():
         run_tokenizer(config, log)
     else:
-        log(f"tokenizer: using {paths.tokenizer_dir(tokenizer_name(config))}")
+        log(f"tokenizer: using {config_dir(config)}")
     result = None
     for stage in STAGES[1:]:
         result = run_stage(config, stage, log)
         if not result.completed:
             log(f"stopped during {stage}; re-run the same command to continue")
             sys.exit(0)
-        if stage == "base":
-            evaluate_if_new(config, stage, result.step, log)
     log(f"report: {report.render(config.run)}")
     return result

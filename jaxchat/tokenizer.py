@@ -101,16 +101,33 @@ def tokenizer_name(config) -> str:
     return config.get("tokenizer") or config.run
 
 
-def load_for_config(config) -> Tokenizer:
-    """The config's tokenizer; FileNotFoundError naming the command (this config's own arguments) that trains it."""
+def config_dir(config) -> Path:
+    """Where the config's tokenizer lives: the tokenizer stage saves it here and every reader loads it from here."""
     from jaxchat import paths
-    from jaxchat.config import command
 
-    directory = paths.tokenizer_dir(tokenizer_name(config))
+    return paths.tokenizer_dir(tokenizer_name(config))
+
+
+def load_for_config(config) -> Tokenizer:
+    """The config's tokenizer. FileNotFoundError naming the command (this config's own arguments) that trains it;
+    ConfigError when its vocabulary is not the config's `vocab_size` (the model's)."""
+    from jaxchat.config import ConfigError, command
+
+    directory = config_dir(config)
     if not (directory / TOKENIZER_FILE).is_file():
         train = command(config, "train.py", "--stage=tokenizer")
         raise FileNotFoundError(f"no tokenizer at {directory} — run `{train}`")
-    return Tokenizer.load(directory)
+    tok = Tokenizer.load(directory)
+    if tok.vocab_size != config.vocab_size:
+        # Retraining under the same name would replace the tokenizer other runs of this recipe use: name a new one.
+        retrain = command(config, "train.py", f"--config.tokenizer={tokenizer_name(config)}-{config.vocab_size}",
+                          "--stage=tokenizer")
+        raise ConfigError(
+            f"tokenizer {directory} has {tok.vocab_size:,} ids but the config's vocab_size is {config.vocab_size:,}; "
+            f"set --config.tokenizer to the tokenizer the run was trained with, --config.vocab_size="
+            f"{tok.vocab_size} to use this one, or train one under another name: `{retrain}` (and pass that "
+            "--config.tokenizer to every stage)")
+    return tok
 
 
 class Tokenizer:

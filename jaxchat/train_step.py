@@ -6,7 +6,6 @@ traced scalars. params and optimizer state are donated: XLA updates them in plac
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -20,24 +20,19 @@ a schedule. The loop supplies everything else, once:
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import queue
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxchat import config as C
-from jaxchat import model, optim, paths, sharding, train_step
+from jaxchat import hardware, model, optim, paths, runlog, sharding, train_step
 from jaxchat.checkpoint import Checkpointer
-from jaxchat.evaluate import report
 from jaxchat.evaluate.bpb import make_evaluator
 
 # The reference's fixed prompts (base_train.py): a visible, if anecdotal, measure of what the model knows.
@@ -71,7 +66,7 @@ class Stage:
     val_data: Callable[[int, int, int], Iterable[dict]] | None
     schedule: Callable[[int], dict]
     loss_fn: Callable = model.loss_fn
-    # abstract params (with shardings) -> initial params, e.g. the previous stage's weights; None: fresh init
+    # mesh -> initial params on sharding.param_shardings(., mesh), e.g. the previous stage's weights; None: fresh init
     init_params: Callable[[object], object] | None = None
     # text prompts (BOS is prepended) or token lists (e.g. a conversation rendered for completion)
     sample_prompts: tuple[str | list[int], ...] = SAMPLE_PROMPTS
@@ -128,37 +123,6 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step. On resume, lines past the restored step are dropped, so the
-    file always describes exactly one run of the stage. Only the primary process writes it (all hold the same numbers)."""
-
-    def __init__(self, path: Path, resume_step: int, primary: bool = True):
-        self.path = path
-        self._file = None
-        if not primary:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    pass  # a line cut by a crash mid-write
-        path.write_text("".join(line + "\n" for line in kept))
-        self._file = path.open("a")
-
-    def write(self, record: dict) -> None:
-        if self._file:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        if self._file:
-            self._file.close()
 
 
 class Readers:
@@ -334,31 +298,17 @@ def _format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def make_sampler(graphdef, tokenizer, prompts: Iterable[str], max_new_tokens: int, seq_len: int):
-    """Greedy completions of fixed prompts by full forward passes over one fixed-size buffer (compiled once)."""
-    encoded = [tokenizer.encode(p, prepend=tokenizer.bos_id) if isinstance(p, str) else list(p) for p in prompts]
-    width = min(seq_len, 2 ** math.ceil(math.log2(max(len(e) for e in encoded) + max_new_tokens)))
-    buffer = np.full((len(encoded), width), tokenizer.bos_id, np.int32)
-    for i, e in enumerate(encoded):
-        buffer[i, : len(e)] = e[:width]
-    lengths = np.array([min(len(e), width) for e in encoded], np.int32)
+def make_sampler(cfg: model.GPTConfig, tokenizer, prompts: Iterable[str], max_new_tokens: int, mesh=None):
+    """Greedy completions of fixed prompts (text after <|bos|>) by the engine, with the weights of the moment."""
+    from jaxchat.engine import Engine
 
-    @jax.jit
-    def next_tokens(params, tokens_BxW, lengths_B):
-        logits_BxWxV = model.forward(graphdef, params, tokens_BxW)
-        last_BxV = jnp.take_along_axis(logits_BxWxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-        return jnp.argmax(last_BxV, axis=-1).astype(jnp.int32)
+    encoded = [tokenizer.encode(p, prepend=tokenizer.bos_id) if isinstance(p, str) else list(p) for p in prompts]
+    encoded = [e[:cfg.sequence_len - 1] for e in encoded]
+    budgets = [min(max_new_tokens, cfg.sequence_len - len(e)) for e in encoded]
 
     def sample(params) -> list[str]:
-        tokens, lens = buffer.copy(), lengths.copy()
-        for _ in range(max_new_tokens):
-            if (lens >= width).all():
-                break
-            nxt = np.asarray(next_tokens(params, tokens, lens))
-            room = lens < width
-            tokens[room, lens[room]] = nxt[room]
-            lens = lens + room
-        return [tokenizer.decode(tokens[i, 1 : lens[i]].tolist()) for i in range(len(encoded))]  # without BOS
+        rows, _ = Engine(cfg, params, tokenizer, mesh=mesh).generate_batch(encoded, max_tokens=budgets, temperature=0.0)
+        return [tokenizer.decode(row[1:]) for row in rows]
 
     return sample
 
@@ -368,12 +318,12 @@ def run(config, stage: Stage, tokenizer, *, log: Callable[[str], None] = print) 
     devices = jax.devices()
     derived = C.derive(config, len(devices))
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp)
-    gcfg = model.GPTConfig.from_config(config, attention=resolve_attention(config))
+    gcfg = C.model_config(config, attention=resolve_attention(config))
     graphdef, abstract = model.abstract_params(gcfg)
     tx = optim.make_optimizer(config, derived)
     p_shard = sharding.param_shardings(abstract, mesh)
     abstract_opt = jax.eval_shape(tx.init, abstract)
-    o_shard = sharding.state_shardings(abstract_opt, abstract, mesh)
+    o_shard = sharding.state_shardings(tx, abstract, mesh)
     step_fn = train_step.jit_train_step(graphdef, tx, param_shardings=p_shard, state_shardings=o_shard,
                                         batch_sharding=sharding.batch_sharding(mesh), loss_fn=stage.loss_fn,
                                         row_keys=stage.row_keys)
@@ -396,7 +346,7 @@ def run(config, stage: Stage, tokenizer, *, log: Callable[[str], None] = print) 
         data.set_state(restored.data_state)
         log(f"resumed {stage.name} from step {start:,} ({stage_dir / 'checkpoints'})")
     elif stage.init_params is not None:
-        params = stage.init_params(_with_shardings(abstract, p_shard))
+        params = stage.init_params(mesh)
         opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
     else:
         params, opt_state = train_step.init_state(gcfg, config.seed, tx, param_shardings=p_shard,
@@ -406,9 +356,9 @@ def run(config, stage: Stage, tokenizer, *, log: Callable[[str], None] = print) 
     tokens_per_step = derived.total_batch_size
     evaluator = make_evaluator(graphdef, tokenizer.token_bytes, mesh) if stage.val_data else None
     val_steps = max(1, config.eval_tokens // (rows * pcount * config.sequence_len))
-    sampler = (make_sampler(graphdef, tokenizer, stage.sample_prompts, 16, config.sequence_len)
+    sampler = (make_sampler(gcfg, tokenizer, stage.sample_prompts, 16, mesh)
                if stage.sample_prompts and config.sample_every > 0 else None)
-    metrics = MetricsLog(stage_dir / "metrics.jsonl", start, primary=pidx == 0)
+    metrics = runlog.MetricsLog(stage_dir / runlog.METRICS_FILE, start, primary=pidx == 0)
     if stage.start_record:
         metrics.write({"step": start, **stage.start_record})
     wandb_run = _maybe_wandb(config, stage.name)
@@ -452,7 +402,7 @@ def run(config, stage: Stage, tokenizer, *, log: Callable[[str], None] = print) 
         t_last, last_logged = now, done
         smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
         tps = tokens_per_step / dt
-        mfu = C.mfu(derived.flops_per_token, tps, device_kind, len(devices), config.peak_flops)
+        mfu = hardware.mfu(derived.flops_per_token, tps, device_kind, len(devices), config.peak_flops)
         elapsed = now - t_start
         eta = elapsed / (done - start) * (n_steps - done)
         record = {"step": done, "loss": loss, "lr": hparams["lrm"] * derived.matrix_lr, "lrm": hparams["lrm"],
@@ -558,7 +508,7 @@ def run(config, stage: Stage, tokenizer, *, log: Callable[[str], None] = print) 
     ckpt.wait()
     ckpt.close()
     metrics.close()
-    report.write_training_section(config, stage.name, derived, start=start, step=completed, target=n_steps,
+    runlog.write_training_section(config, stage.name, derived, start=start, step=completed, target=n_steps,
                                   wall_time_s=time.perf_counter() - t_start, device_kind=device_kind,
                                   n_devices=len(devices))
     if wandb_run:

@@ -73,7 +73,7 @@ fi
 read -r RUN TOKENIZER NEED_SHARDS < <("$PY" - "${ARGS[@]}" <<'EOF'
 import sys
 from jaxchat import config as C
-c, _ = C.parse_args(sys.argv[1:])
+c = C.load_config(sys.argv[1:])
 d = C.derive(c, 8)
 plan = C.data_plan(c, d)
 print(c.run, c.tokenizer or c.run, plan.shards_needed if plan else 0)
@@ -139,22 +139,20 @@ wait_for() {  # wait_for PID WHAT: a failed background download stops the run he
 if [[ -f "$JAXCHAT_HOME/tokenizer/$TOKENIZER/tokenizer.json" ]]; then touch "$STATE/tokenizer.done"; fi
 step tokenizer "$PY" train.py "${ARGS[@]}" --stage=tokenizer
 
+# Each stage below is one `train.py --stage=X`: it trains, then evaluates its last checkpoint once (CORE for base,
+# the chat evaluations after), skipping an evaluation eval.json already holds for that step (stages.run_stage).
 # ---- 5. Base pretraining, then CORE
 wait_for "$DOWNLOAD_PID" "the download of $SHARDS shards" data-all
 step base "$PY" train.py "${ARGS[@]}" --stage=base
-step eval-base "$PY" -m jaxchat.evaluate "${ARGS[@]}" --stage=base
 
 # ---- 6. Mid-training and SFT, each followed by the chat evaluations
 wait_for "$TASKS_PID" "the task datasets" tasks
 step mid "$PY" train.py "${ARGS[@]}" --stage=mid
-step eval-mid "$PY" -m jaxchat.evaluate "${ARGS[@]}" --stage=mid
 step sft "$PY" train.py "${ARGS[@]}" --stage=sft
-step eval-sft "$PY" -m jaxchat.evaluate "${ARGS[@]}" --stage=sft
 
-# ---- 7. Optional RL on GSM8K
+# ---- 7. Optional RL on GSM8K, then its evaluation
 if [[ $WITH_RL == 1 ]]; then
   step rl "$PY" train.py "${ARGS[@]}" --stage=rl
-  step eval-rl "$PY" -m jaxchat.evaluate "${ARGS[@]}" --stage=rl
 fi
 
 # ---- 8. The report card (always re-rendered: it is cheap and reflects whatever has run)

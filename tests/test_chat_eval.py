@@ -1,5 +1,6 @@
 """Chat-eval scoring with fake models whose answers are known: letter restriction, pass@k over generated samples,
 process striding, ChatCORE centering by hand, and the real jitted paths on a tiny random model."""
+import jax
 import numpy as np
 import pytest
 from fixtures_model import random_params
@@ -128,7 +129,7 @@ def test_chat_core_by_hand():
 
 
 def test_real_model_paths_agree_with_a_full_forward():
-    """make_last_logits gathers the right position; the real engine runs generative eval end to end."""
+    """The engine's last_logits gathers the right position; the real engine runs generative eval end to end."""
     cfg = model.GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, sequence_len=128,
                           compute_dtype="float32")
     graphdef, params = random_params(cfg, seed=3)
@@ -136,14 +137,43 @@ def test_real_model_paths_agree_with_a_full_forward():
     tokens[0, :5] = TOK.encode("hello")
     tokens[1, :9] = TOK.encode("abcdefghi")
     lengths = np.array([5, 9], np.int32)
-    got = chat_eval.make_last_logits(graphdef, params)(tokens, lengths)
+    eng = E.Engine(cfg, params, TOK)
+    got = eng.last_logits(tokens, lengths)
     full = np.asarray(model.forward(graphdef, params, tokens))
     np.testing.assert_allclose(got, full[[0, 1], [4, 8]], rtol=1e-5, atol=1e-5)
 
-    eng = E.Engine(cfg, params, TOK)
     r = chat_eval.generative_eval(eng, TOK, Sums(), num_samples=2, max_tokens=8, temperature=1.0,
                                   problems_per_batch=4)
     assert r.total == 6 and 0 <= r.correct <= 6 and isinstance(r.example["completion"], str)
+
+
+def test_chat_evaluation_rows_are_spread_over_the_devices(monkeypatch):
+    """With a mesh over the 4 emulated devices (tests/conftest.py), the engine's caches and categorical batches are
+    split by rows, a quarter on each device, and the results equal the one-device engine's."""
+    from jaxchat import sharding
+
+    assert len(jax.devices()) == 4
+    cfg = model.GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_head=2, n_kv_head=1, n_embd=32, sequence_len=128,
+                          compute_dtype="float32")
+    _, params = random_params(cfg, seed=4)
+    mesh = sharding.make_mesh()
+    spread, single = E.Engine(cfg, params, TOK, mesh=mesh), E.Engine(cfg, params, TOK)
+
+    seen = []  # every cache the spread engine decodes with: where its rows live
+    decode = spread.decode
+    monkeypatch.setattr(spread, "decode", lambda cache, *a: (seen.append(cache.k[0].sharding), decode(cache, *a))[1])
+    kw = dict(num_samples=2, max_tokens=8, temperature=1.0, problems_per_batch=4, seed=5)
+    got, want = chat_eval.generative_eval(spread, TOK, Sums(), **kw), chat_eval.generative_eval(single, TOK, Sums(), **kw)
+    assert (got.correct, got.pass_at, got.example) == (want.correct, want.pass_at, want.example)
+    assert seen and all(len(s.device_set) == 4 for s in seen)
+    cache = spread.new_cache(8, 64)
+    assert {s.data.shape[0] for s in cache.k[0].addressable_shards} == {2}  # 8 rows: 2 per device
+    assert len({s.device for s in cache.k[0].addressable_shards}) == 4
+
+    tokens = np.tile(np.asarray(TOK.encode("abcdefgh"), np.int32), (8, 2))
+    lengths = np.arange(8, 16, dtype=np.int32)
+    np.testing.assert_allclose(spread.last_logits(tokens, lengths), single.last_logits(tokens, lengths),
+                               rtol=1e-5, atol=1e-5)
 
 
 class Empty(Task):

@@ -368,3 +368,66 @@ def test_inspect_cli_accepts_checkpoint_and_step_dirs(ckdir, capsys):
     assert "  step 7\n" in capsys.readouterr().out
     assert jinspect.main([str(ckdir.parent.parent / "nope")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- trained weights: load_params / load_model
+
+def tiny_run(*overrides):
+    from jaxchat import config as C
+
+    return C.load_config(["--config=configs/tiny.py", "--config.run=unit", "--config.depth=2", *overrides])
+
+
+def save_weights(config, stage, steps):
+    """A distinct random value in every weight of the config's model, saved under `stage` as training saves it."""
+    from jaxchat import model
+    from jaxchat.config import model_config
+
+    _, shapes = model.abstract_params(model_config(config))
+    leaves, treedef = jax.tree.flatten(shapes)
+    params = treedef.unflatten([jax.random.normal(jax.random.key(i), s.shape, s.dtype) for i, s in enumerate(leaves)])
+    with ckpt.Checkpointer(paths.run_dir(config.run, stage) / "checkpoints", async_save=False) as c:
+        for step in steps:
+            c.save(step, params=params, opt_state={"count": jnp.zeros((), jnp.int32)}, rng=jax.random.key(0),
+                   data_state={}, config=config.to_dict())
+    return params
+
+
+def test_load_params_over_a_mesh_lands_as_training_shards_it(ckdir):
+    from jaxchat import sharding
+
+    config = tiny_run()
+    saved = save_weights(config, "sft", [3, 5])
+    mesh = sharding.make_mesh(devices=_mesh(4).devices.flat)
+    params, step = ckpt.load_params(config, "sft", mesh=mesh)
+    assert step == 5
+    want = sharding.param_shardings(params, mesh)
+    for got, sh in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+        assert got.sharding.is_equivalent_to(sh, got.ndim)
+    assert any("fsdp" in tuple(s.spec) for s in jax.tree.leaves(want))  # some weights really are split 4 ways
+    assert_trees_equal(jax.device_get(params), jax.device_get(saved))
+    params, step = ckpt.load_params(config, "sft", step=3)  # no mesh: whole, on one device
+    assert step == 3
+    assert all(p.sharding.is_equivalent_to(DEV0, p.ndim) for p in jax.tree.leaves(params))
+
+
+def test_a_missing_checkpoint_names_the_training_command(ckdir):
+    from jaxchat.config import ConfigError
+    from jaxchat.tokenizer import Tokenizer, config_dir
+
+    config = tiny_run()
+    train = "`python train.py --config=configs/tiny.py --config.run=unit --config.depth=2 --stage=mid`"
+    with pytest.raises(FileNotFoundError) as e:
+        ckpt.load_params(config, "mid")
+    assert train in str(e.value) and "another stage" not in str(e.value)  # a stage's start cannot pick another
+    assert not paths.run_dir("unit", "mid").exists()  # looking did not create the stage
+    with pytest.raises(FileNotFoundError, match=r"--stage=mid`.*pick another stage with --stage=base\|mid\|sft\|rl"):
+        ckpt.load_model(config, "mid")
+    save_weights(config, "mid", [1])
+    with pytest.raises(ckpt.IncompatibleCheckpointError, match="original config"):
+        ckpt.load_params(tiny_run("--config.depth=3"), "mid")
+    # the tokenizer has to fit the model too: one with another vocabulary is refused, naming the fix
+    text = ["the cat sat on the mat and the dog sat on the log. " * 20, "hello there, how are you today? " * 20]
+    Tokenizer.train(text, vocab_size=300).save(config_dir(config))
+    with pytest.raises(ConfigError, match="has 300 ids but the config's vocab_size is 1,536; set --config.tokenizer"):
+        ckpt.load_model(config, "mid")

@@ -33,7 +33,7 @@ def reference_logits(params):
 
 
 def test_pt_file_reads_without_torch(state):
-    assert set(state) == convert.expected_keys(MODEL_CONFIG["n_layer"])
+    assert set(state) == convert.expected_keys(MODEL_CONFIG)
     wte = state["transformer.wte.weight"]
     assert wte.shape == (300, 32) and wte.dtype == np.float32
     assert not (wte.view(np.uint32) & 0xFFFF).any()  # widened from bf16: the low half is exactly zero
@@ -154,11 +154,12 @@ def test_command_writes_a_run_that_chat_loads(tmp_path, monkeypatch, state, caps
     assert (tmp_path / "tokenizer" / "nanochat-d2" / "tokenizer.json").is_file()
 
     from jaxchat import chat
+    from jaxchat.checkpoint import load_model
     from jaxchat.config import load_config_file
 
     config = load_config_file(str(config_path))
     assert (config.depth, config.model_dim, config.n_head, config.n_kv_head, config.vocab_size) == (2, 32, 4, 2, 300)
-    cfg, params, step = chat.load_params(config, "sft", None)
+    cfg, params, step, _ = load_model(config, "sft")
     assert step == 42 and cfg.n_kv_head == 2
     np.testing.assert_allclose(reference_logits(params), np.load(FIXTURE / "logits.npy"), rtol=1e-5, atol=5e-5)
     assert chat.main([f"--config={config_path}", "--stage=sft", "-p", "The capital of France", "-t", "0",

@@ -8,6 +8,9 @@ import pytest
 from http_server import FileServer
 
 from jaxchat.data.fetch import DamagedFileError
+from fixtures_tok import ByteTokenizer
+from jaxchat import sharding
+from jaxchat.engine import Engine
 from jaxchat.evaluate import core
 
 # -- a tiny bundle in the real format --------------------------------------------------------------
@@ -233,7 +236,7 @@ def test_prompts_longer_than_the_sequence_length_are_scored_whole_by_default():
     cfg = model.GPTConfig(vocab_size=260, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, sequence_len=T,
                           compute_dtype="float32")
     graphdef, params = model.init(cfg, seed=0)
-    on_device, shapes = core.model_stats_fn(graphdef, params), []
+    on_device, shapes = Engine(cfg, params, ByteTokenizer(), mesh=sharding.make_mesh()).token_stats, []
     rows = [whole.rows[0], whole.rows[0][:20], whole.rows[0][:10], whole.rows[0][:12]]
     nll, _ = core.run_rows(lambda x: shapes.append(x.shape) or on_device(x), rows, tok.bos_id, batch_rows=2,
                            row_tokens=T)
@@ -336,7 +339,8 @@ def test_model_logits_fn_with_tiny_gpt():
     meta = {"task_type": "multiple_choice", "continuation_delimiter": " "}
     assert isinstance(core.score_example(fn, tok, MC_ROWS[0], meta, MC_ROWS[1:2]), bool)
     # the on-device statistics equal the host computation from full logits, across 4 devices and odd batch sizes
-    on_device, on_host = core.model_stats_fn(graphdef, params), core.stats_from_logits(fn)
+    on_device = Engine(cfg, params, ByteTokenizer(), mesh=sharding.make_mesh()).token_stats
+    on_host = core.stats_from_logits(fn)
     for rows in (x, x[:1], np.concatenate([x, x, x[:1]])):
         (nll_d, match_d), (nll_h, match_h) = on_device(rows), on_host(rows)
         np.testing.assert_allclose(nll_d, nll_h, rtol=1e-5, atol=1e-5)

@@ -76,7 +76,7 @@ def test_dry_run_compiles_the_step_and_engine_for_emulated_devices_and_says_whet
 
 def test_dry_run_rejects_unknown_arguments():
     r = run_dryrun("--devicez=4")
-    assert r.returncode == 2 and "unknown argument" in r.stderr
+    assert r.returncode == 2 and "unrecognized arguments: --devicez=4" in r.stderr
 
 
 def _activation_collectives(hlo: str, seq: int) -> list[tuple[str, int]]:
@@ -102,9 +102,9 @@ def test_activations_stay_batch_sharded_and_only_weights_and_gradients_move(mesh
     # T = 96 is no weight's dimension (width 256, MLP 1,024, vocab 512, heads of 64), so any collective with a
     # 96-long axis moves activations or token ids. Four layers: a collective per layer would show.
     B, T = 5, 96  # 20 rows in all: no other array of the step has a 20 x 96 shape
-    cfg, _ = C.parse_args(["--config=configs/tiny.py", "--config.depth=4", "--config.vocab_size=512",
-                           f"--config.sequence_len={T}", f"--config.device_batch_size={B}",
-                           f"--config.mesh_data={mesh_data}", f"--config.mesh_fsdp={mesh_fsdp}"])
+    cfg = C.load_config(["--config=configs/tiny.py", "--config.depth=4", "--config.vocab_size=512",
+                         f"--config.sequence_len={T}", f"--config.device_batch_size={B}",
+                         f"--config.mesh_data={mesh_data}", f"--config.mesh_fsdp={mesh_fsdp}"])
     prog = dryrun.TrainProgram(cfg, "chunked", jax.devices()[:4])
     hlo = prog.compiled.as_text()
     moved = _activation_collectives(hlo, T)

@@ -9,6 +9,7 @@ import pytest
 import fixtures_model
 from fixtures_tok import ByteTokenizer
 from jaxchat import engine, model
+from jaxchat.config import model_config
 
 TOK = ByteTokenizer()
 V = TOK.vocab_size  # 265: bytes + the 9 specials as the last ids, as in the real tokenizer
@@ -62,25 +63,24 @@ def test_cached_forward_equals_model_forward(n_kv_head):
     tokens = rng.integers(0, 256, (3, 40)).astype(np.int32)
     full = np.asarray(model.forward(graphdef, params, jnp.asarray(tokens)))
 
-    # prefill: every valid position, and the last-token-only path the jitted prefill uses
-    prompt_tokens = tokens[:, :32]
-    forward_prefill = jax.jit(engine.forward_prefill, static_argnums=(0, 4))
-    forward_decode = jax.jit(engine.forward_decode, static_argnums=0)
-    logits_all, k, v = forward_prefill(cfg, params, prompt_tokens, lengths, True)
+    # prefill: every valid position, and the last-token-only path the engine's prefill uses
+    forward_cached = jax.jit(model.forward_cached, static_argnums=0)
+    cache = model.KVCache.zeros(cfg, 3, 64)
+    logits_all, _ = forward_cached(graphdef, params, tokens[:, :32], cache)
     for b, n in enumerate(lengths):
         np.testing.assert_allclose(np.asarray(logits_all)[b, :n], full[b, :n], atol=2e-5, rtol=1e-5)
-    logits_last, _, _ = forward_prefill(cfg, params, prompt_tokens, lengths, False)
+    logits_last, cache = forward_cached(graphdef, params, tokens[:, :32], cache, last_B=jnp.asarray(lengths - 1))
     np.testing.assert_allclose(np.asarray(logits_last), full[np.arange(3), lengths - 1], atol=2e-5, rtol=1e-5)
-    assert k.shape == (cfg.n_layer, 3, 32, n_kv_head, cfg.head_dim)  # only the kv heads are cached
+    assert cache.k[0].shape == (3, n_kv_head, 64, cfg.head_dim)  # (B, H_kv, S, D): only the kv heads are cached
+    np.testing.assert_array_equal(np.asarray(cache.lengths_B), [32, 32, 32])
 
-    # decode: each row continues from its own length with the true next tokens, per-row positions
-    cache = engine.KVCache.zeros(cfg, 3, 64)
-    cache = engine.KVCache(cache.k_LxBxSxHxD.at[:, :, :32].set(k), cache.v_LxBxSxHxD.at[:, :, :32].set(v),
-                           jnp.asarray(lengths))
+    # decode: each row continues from its own length with the true next tokens (per-row positions); the padding
+    # written past a row's length is overwritten as it goes and never attended before that
+    cache = model.KVCache(cache.k, cache.v, jnp.asarray(lengths))
     for step in range(6):
         pos = lengths + step
-        logits, cache = forward_decode(cfg, params, cache, jnp.asarray(tokens[np.arange(3), pos]))
-        np.testing.assert_allclose(np.asarray(logits), full[np.arange(3), pos], atol=2e-5, rtol=1e-5)
+        logits, cache = forward_cached(graphdef, params, jnp.asarray(tokens[np.arange(3), pos])[:, None], cache)
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], full[np.arange(3), pos], atol=2e-5, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(cache.lengths_B), lengths + 6)
 
 
@@ -137,17 +137,31 @@ def test_top_k_never_samples_outside_the_top_k():
     order = np.argsort(-np.asarray(logits), axis=-1)
     allowed = [set(order[b, :int(top_k[b])]) for b in range(32)]
     seen = [set() for _ in range(32)]
-    sample = jax.jit(engine.sample_tokens, static_argnums=4)
+    sample = jax.jit(engine.sample_tokens, static_argnums=3)
+    rows = lambda seed, k: engine.Sampling.rows(np.full(32, seed), np.arange(32), temperature, k, np.ones(32))  # noqa: E731
+    steps = np.zeros(32, np.int32)
     for i in range(200):
-        keys = jax.random.split(jax.random.PRNGKey(i), 32)
-        out = np.asarray(sample(logits, keys, temperature, top_k, engine.DEFAULT_MAX_TOP_K))
+        out = np.asarray(sample(logits, steps, rows(i, top_k), engine.DEFAULT_MAX_TOP_K))
         for b in range(32):
             assert out[b] in allowed[b], f"row {b} sampled {out[b]} outside its top {int(top_k[b])}"
             seen[b].add(int(out[b]))
     assert sum(len(s) for s in seen) > 32 * 2  # it samples, not argmax: several of the top k come up
-    keys = jax.random.split(jax.random.PRNGKey(0), 32)
-    top1 = sample(logits, keys, temperature, jnp.ones(32, jnp.int32), engine.DEFAULT_MAX_TOP_K)
+    top1 = sample(logits, steps, rows(0, np.ones(32)), engine.DEFAULT_MAX_TOP_K)
     np.testing.assert_array_equal(np.asarray(top1), order[:, 0])
+
+
+def test_top_p_keeps_the_nucleus_and_greedy_rows_take_the_argmax():
+    # row 0: one token holds 90% of the mass, so top_p = 0.5 always draws it; row 1 samples freely; row 2 is greedy
+    logits = np.full((3, V), -10.0, np.float32)
+    logits[0, 7], logits[0, 8:12] = 5.0, 2.6
+    logits[1, :20] = 0.0
+    logits[2, :20], logits[2, 13] = 0.0, 0.1
+    s = engine.Sampling.rows([0, 0, 0], [0, 1, 2], [1.0, 1.0, 0.0], [0, 0, 0], [0.5, 1.0, 1.0])
+    sample = jax.jit(engine.sample_tokens, static_argnums=3)
+    draws = np.array([np.asarray(sample(jnp.asarray(logits), np.full(3, step, np.int32), s, 50)) for step in range(64)])
+    assert set(draws[:, 0]) == {7}
+    assert len(set(draws[:, 1])) > 5
+    assert set(draws[:, 2]) == {13}
 
 
 # ---- scripted model: a bigram machine built from real weights ---------------------------------------------------------
@@ -300,7 +314,7 @@ def test_chat_answers_a_prompt_from_a_saved_checkpoint(cli_run, capsys):
     text = ["the cat sat on the mat and the dog sat on the log. " * 20, "hello there, how are you today? " * 20]
     tok = Tokenizer.train(text, vocab_size=300)
     tok.save(paths.tokenizer_dir("chattiny"))
-    cfg = model.GPTConfig.from_config(config)
+    cfg = model_config(config)
     script = {tok.special_id("<|assistant_start|>"): tok.encode("cat")[0],
               tok.encode("cat")[0]: tok.special_id("<|assistant_end|>")}
     params = scripted_params(cfg, script)

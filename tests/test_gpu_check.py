@@ -144,16 +144,16 @@ def test_benches_pick_defaults_that_fit_the_config():
     import decode
     import eval as eval_bench
 
-    from jaxchat.config import parse_args
+    from jaxchat.config import load_config
 
-    tiny, _ = parse_args(["--config=configs/tiny.py", "--config.depth=1"])
+    tiny = load_config(["--config=configs/tiny.py", "--config.depth=1"])
     out = decode.measure(tiny, [1])  # no prompt/decode lengths: 224 + 32 in tiny's 256 context
     assert (out["prompt_tokens"], out["decode_tokens"]) == (224, 32)
     with pytest.raises(SystemExit, match="must fit the context"):
         decode.measure(tiny, [1], decode_tokens=256)
     # A vocabulary the generated corpus cannot train (d20's 65,536; 4,096 keeps this fast): the bench's tokenizer
     # stops at what the corpus supports and the model keeps the config's head.
-    big_vocab, _ = parse_args(["--config=configs/tiny.py", "--config.depth=1", "--config.vocab_size=4096"])
+    big_vocab = load_config(["--config=configs/tiny.py", "--config.depth=1", "--config.vocab_size=4096"])
     r = eval_bench.measure(big_vocab, problems=2, max_tokens=4, batch=2, single=1)
     assert r["batched_problems_per_s"] > 0 and r["prompt_tokens_mean"] > 100
 

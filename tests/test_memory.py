@@ -109,11 +109,11 @@ def test_unknown_remat_is_refused():
 def test_loss_chunk_is_tokens_per_device():
     c = C.default_config()  # d20: 32 rows of 2,048
     c.loss_chunk = 8192
-    assert model.GPTConfig.from_config(c).loss_chunk == 256  # positions of each of the device's 32 rows
+    assert C.model_config(c).loss_chunk == 256  # positions of each of the device's 32 rows
     c.device_batch_size = 4
-    assert model.GPTConfig.from_config(c).loss_chunk == 0  # 2,048 positions: whole rows, unchunked
+    assert C.model_config(c).loss_chunk == 0  # 2,048 positions: whole rows, unchunked
     c.loss_chunk = 0
-    assert model.GPTConfig.from_config(c).loss_chunk == 0
+    assert C.model_config(c).loss_chunk == 0
 
 
 def test_rl_and_validation_losses_are_the_chunked_loss():
@@ -150,7 +150,7 @@ def nnx_hidden(graphdef, params, x):
     """The model's hidden states with the fp32 params merged as they are (Linear casts each kernel at use)."""
     from flax import nnx
 
-    return nnx.merge(graphdef, params).hidden(x)
+    return nnx.merge(graphdef, params).hidden(x)[0]
 
 
 def test_weights_are_all_gathered_in_bf16():
@@ -164,13 +164,13 @@ def test_weights_are_all_gathered_in_bf16():
     devices = jax.devices()[:4]
     d = C.derive(c, len(devices))
     mesh = sharding.make_mesh(1, 4, devices=devices)
-    gcfg = model.GPTConfig.from_config(c)
+    gcfg = C.model_config(c)
     graphdef, abstract = model.abstract_params(gcfg)
     tx = optim.make_optimizer(c, d)
     abstract_state = jax.eval_shape(tx.init, abstract)
     ps, bs = sharding.param_shardings(abstract, mesh), sharding.batch_sharding(mesh)
     step = train_step.jit_train_step(graphdef, tx, param_shardings=ps, batch_sharding=bs,
-                                     state_shardings=sharding.state_shardings(abstract_state, abstract, mesh))
+                                     state_shardings=sharding.state_shardings(tx, abstract, mesh))
     tokens = jax.ShapeDtypeStruct((1, 2 * len(devices), c.sequence_len), np.int32, sharding=bs)
     compiled = step.lower(abstract, abstract_state, {"inputs": tokens, "targets": tokens}, dryrun.HPARAMS).compile(
         compiler_options={"xla_disable_hlo_passes": "float-normalization-bf16"})

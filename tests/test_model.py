@@ -61,7 +61,7 @@ def test_attention_is_causal():
 def test_init_zeroes_output_projections_and_head_so_first_loss_is_ln_vocab():
     graph, params = model.init(tiny())
     for block in params["blocks"].values():
-        assert not block["attn"]["c_proj_attn"]["kernel"].any() and not block["mlp"]["c_proj_mlp"]["kernel"].any()
+        assert not block["attn"]["c_proj"]["kernel"].any() and not block["mlp"]["c_proj"]["kernel"].any()
         assert block["attn"]["c_q"]["kernel"].std() == pytest.approx(64 ** -0.5, rel=0.1)
         # c_fc widens: std 1/sqrt(in) * min(1, sqrt(out/in)) = 1/sqrt(64)
         assert block["mlp"]["c_fc"]["kernel"].std() == pytest.approx(64 ** -0.5, rel=0.1)

@@ -15,8 +15,8 @@ from jaxchat import dryrun, model, muon, optim, sharding
 
 
 def tiny_config(**kw):
-    # depth 3, 192 wide (divisible by 4: FSDP-sharded): groups of 9 (c_q, c_k, c_v), 3 (c_proj_attn, its own layout)
-    # and 6 (c_fc with the transposed c_proj_mlp): none a multiple of the 4 devices, so every group is padded.
+    # depth 3, 192 wide (divisible by 4: FSDP-sharded): groups of 9 (c_q, c_k, c_v), 3 (the attention c_proj, its own layout)
+    # and 6 (c_fc with the transposed MLP c_proj): none a multiple of the 4 devices, so every group is padded.
     c = C.default_config()
     c.update(dict(depth=3, head_dim=32, vocab_size=128, sequence_len=16, device_batch_size=2, total_batch_size=-1,
                   num_iterations=100, compute_dtype="float32", muon_ns_dtype="float32"), **kw)
@@ -32,7 +32,7 @@ def random_grads(params, seed):
 def two_updates(c, mesh=None, how="explicit"):
     """Two optimizer steps (the second mixes both gradients through the momentum): (updates, new state)."""
     d = C.derive(c)
-    _, params = model.init(model.GPTConfig.from_config(c))
+    _, params = model.init(C.model_config(c))
     tx = optim.make_optimizer(c, d, mesh=mesh if how == "explicit" else None)
     g1, g2 = random_grads(params, 1), random_grads(params, 2)
 
@@ -44,7 +44,7 @@ def two_updates(c, mesh=None, how="explicit"):
     if mesh is None:
         return jax.jit(two)(params, g1, g2)
     ps = sharding.param_shardings(params, mesh)
-    ss = sharding.state_shardings(jax.eval_shape(tx.init, params), params, mesh)
+    ss = sharding.state_shardings(tx, params, mesh)
     params, g1, g2 = jax.device_put((params, g1, g2), (ps, ps, ps))
     step = jax.jit(two, in_shardings=(ps, ps, ps), out_shardings=(ps, ss))
     if how == "context":  # no mesh argument: Muon finds the mesh the step is traced under, as train_step sets it
@@ -76,7 +76,7 @@ def test_distributed_update_equals_one_device(one_device, mesh_shape, how):
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-9)
     if mesh_shape == (1, 4):  # the parameters' layout is kept: the update comes back FSDP-sharded
-        kernel = updates["blocks"][0]["mlp"]["c_proj_mlp"]["kernel"]
+        kernel = updates["blocks"][0]["mlp"]["c_proj"]["kernel"]
         assert kernel.sharding.spec == P(None, "fsdp")
 
 
@@ -117,11 +117,11 @@ def test_distribution_axis():
 
 def compiled_update(c, mesh, distributed=True):
     d = C.derive(c)
-    _, params = model.abstract_params(model.GPTConfig.from_config(c))
+    _, params = model.abstract_params(C.model_config(c))
     tx = optim.make_optimizer(c, d, mesh=mesh if distributed else None)
     state = jax.eval_shape(tx.init, params)
     ps = sharding.param_shardings(params, mesh)
-    ss = sharding.state_shardings(state, params, mesh)
+    ss = sharding.state_shardings(tx, params, mesh)
 
     def update(params, state, grads):
         u, state = tx.update(grads, state, params, momentum=0.95)
@@ -147,6 +147,6 @@ def test_optimizer_collectives_scale_with_shape_groups_not_matrices():
     assert dryrun.collective_bytes(hlo3)["all-gather"]["count"] == 0
     # Newton-Schulz runs batched on each device's share: 9 attention matrices padded to 12 -> 3 per device
     assert re.search(r"= (bf16|f32)\[3,192,192\]\{[\d,]+\} dot\(", hlo3)
-    assert re.search(r"= (bf16|f32)\[2,192,768\]\{[\d,]+\} dot\(", hlo3)  # c_fc + c_proj_mlp: 6 -> 8 -> 2
+    assert re.search(r"= (bf16|f32)\[2,192,768\]\{[\d,]+\} dot\(", hlo3)  # c_fc + the MLP c_proj: 6 -> 8 -> 2
     # ...where each matrix taken whole made XLA gather the NS operands of every matrix at every iteration
     assert collective_count(compiled_update(c3, mesh, distributed=False)) > 10 * 18

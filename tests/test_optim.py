@@ -25,7 +25,7 @@ def test_labels_send_block_matrices_to_muon_and_embeddings_to_adamw():
     flat = jax.tree_util.tree_leaves_with_path(labels)
     muon = {jax.tree_util.keystr(p) for p, label in flat if label == "muon"}
     expected = {f"['blocks'][{i}]['{m}']['{n}']['kernel']" for i in range(3)
-                for m, names in (("attn", ("c_q", "c_k", "c_v", "c_proj_attn")), ("mlp", ("c_fc", "c_proj_mlp")))
+                for m, names in (("attn", ("c_q", "c_k", "c_v", "c_proj")), ("mlp", ("c_fc", "c_proj")))
                 for n in names}
     assert muon == expected
     assert len(flat) == 3 * 6 + 2
@@ -39,7 +39,7 @@ def test_unknown_parameter_is_an_error_not_a_silent_group():
 def test_groups_update_at_their_own_learning_rates():
     c = tiny_config()
     d = C.derive(c)
-    _, params = model.init(model.GPTConfig.from_config(c))
+    _, params = model.init(C.model_config(c))
     tx = optim.make_optimizer(c, d)
     grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
     updates, _ = tx.update(grads, tx.init(params), params, momentum=0.9)
@@ -82,7 +82,7 @@ def _two_steps(c, grads_1, grads_2):
     """Two optimizer updates (Adam's second step and Muon's momentum both mix the two gradients, so a rescaled second
     gradient changes the result; one step alone is nearly scale-invariant)."""
     d = C.derive(c)
-    _, params = model.init(model.GPTConfig.from_config(c))
+    _, params = model.init(C.model_config(c))
     tx = optim.make_optimizer(c, d)
     state = tx.init(params)
     _, state = tx.update(grads_1, state, params, momentum=0.9)
@@ -92,7 +92,7 @@ def _two_steps(c, grads_1, grads_2):
 
 def test_grad_clip_scales_a_gradient_of_global_norm_5_to_norm_1_before_the_groups():
     c = tiny_config()
-    _, params = model.init(model.GPTConfig.from_config(c))
+    _, params = model.init(C.model_config(c))
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(3), 2 * len(leaves))
     g1 = _scaled_to_norm(treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys[::2], leaves)]), 0.5)
@@ -125,7 +125,7 @@ def test_grad_clip_is_on_by_default_in_base_training_and_off_in_the_chat_stages(
 
 def test_grad_clip_off_leaves_the_optimizer_state_structure_unchanged():
     c_on, c_off = tiny_config(grad_clip=1.0), tiny_config(grad_clip=0.0)
-    _, params = model.abstract_params(model.GPTConfig.from_config(c_on))
+    _, params = model.abstract_params(C.model_config(c_on))
     s_on = jax.eval_shape(optim.make_optimizer(c_on, C.derive(c_on)).init, params)
     s_off = jax.eval_shape(optim.make_optimizer(c_off, C.derive(c_off)).init, params)
     assert jax.tree.structure(s_on) == jax.tree.structure(s_off)  # resuming with the other setting still loads

@@ -44,13 +44,13 @@ def jaxchat_run(reference):
     meta, state, data = reference
     c = october_config(meta)
     d = C.derive(c)
-    cfg = model.GPTConfig.from_config(c)
+    cfg = C.model_config(c)
     graphdef, abstract = model.abstract_params(cfg)
     params = jax.tree.map(jax.numpy.asarray, convert.convert_params(state, meta["model_config"]))  # (out, in) -> (in, out)
     tx = optim.make_optimizer(c, d)
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     ps = sharding.param_shardings(abstract, mesh)
-    ss = sharding.state_shardings(jax.eval_shape(tx.init, abstract), abstract, mesh)
+    ss = sharding.state_shardings(tx, abstract, mesh)
     step = train_step.jit_train_step(graphdef, tx, param_shardings=ps, state_shardings=ss,
                                      batch_sharding=sharding.batch_sharding(mesh))
     params = jax.device_put(params, ps)
@@ -75,7 +75,7 @@ def test_fixture_is_the_october_recipe_at_a_tiny_size(reference):
     # the reference's settings, read from its base_train.py, are jaxchat's defaults
     defaults = C.default_config()
     assert {k: defaults[k] for k in meta["settings"]} == meta["settings"]
-    assert d.model_dim == meta["model_config"]["n_embd"] and d.n_head == meta["model_config"]["n_head"]
+    assert d.model.n_embd == meta["model_config"]["n_embd"] and d.model.n_head == meta["model_config"]["n_head"]
     assert all(np.all(w != 0) for w in state.values())  # no zero-init weight hides a layout or a gradient
     assert FIXTURE.stat().st_size < 1_000_000
 
@@ -104,7 +104,7 @@ def test_without_clipping_the_run_departs_from_the_reference(reference):
     c = october_config(meta)
     c.grad_clip = 0.0
     d = C.derive(c)
-    graphdef, _ = model.abstract_params(model.GPTConfig.from_config(c))
+    graphdef, _ = model.abstract_params(C.model_config(c))
     params = jax.tree.map(jax.numpy.asarray, convert.convert_params(state, meta["model_config"]))
     tx = optim.make_optimizer(c, d)
     opt_state = tx.init(params)

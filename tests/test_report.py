@@ -1,17 +1,18 @@
-"""The report card: sections merge atomically, the summary table comes first with exact values, plots are real PNGs,
-the environment names the commit and versions, and damaged inputs cost a warning, never the report."""
-import json
+"""The report card: the summary table comes first with exact values, plots are real PNGs, the environment names
+the commit and versions, and damaged inputs cost a warning, never the report."""
 import os
 import subprocess
-import types
 import warnings
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_runlog import write_metrics
 
+from jaxchat import paths
 from jaxchat.evaluate import report
+from jaxchat.runlog import write_section
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -25,37 +26,20 @@ def home(tmp_path, monkeypatch):
     return tmp_path
 
 
-def write_metrics(path: Path, n_steps: int, loss0: float, *, resume_at: int | None = None) -> None:
-    """A plausible metrics.jsonl: val at step 0 and every 10 steps, `elapsed` restarting at `resume_at`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"step": 0, "val_bpb": loss0 / 3})]
-    t0 = 0
-    for step in range(1, n_steps + 1):
-        if step == resume_at:
-            t0 = step - 1
-        r = {"step": step, "loss": loss0 * 0.97 ** step, "lr": 0.02, "tokens_per_s": 1000.0 + step, "mfu": None,
-             "elapsed": 0.5 * (step - t0)}
-        if step % 10 == 0:
-            r["val_bpb"] = loss0 * 0.97 ** step / 3
-        lines.append(json.dumps(r))
-    path.write_text("\n".join(lines) + "\n")
-
-
 def fake_run(run: str = "fake") -> None:
-    report.write_section(run, "tokenizer", "tokenizer", {
+    write_section(run, "tokenizer", "tokenizer", {
         "vocab_size": 1536, "chars": 2_000_000, "train_time_s": 12.5, "wall_time_s": 14.0,
         "compression": [{"text": "news", "bytes": 1000, "ours_tokens": 300, "ours_ratio": 3.333}], "notes": []})
-    report.write_section(run, "base", "training", {
+    write_section(run, "base", "training", {
         "steps": 40, "target_steps": 40, "wall_time_s": 20.0, "total_wall_time_s": 3600.0, "tokens_per_step": 4096,
         "final_loss_smoothed": np.float32(2.5), "val_bpb": np.float64(0.81),
         "config": {"depth": 4, "sequence_len": 256, "matrix_lr": 0.02}})
-    report.write_section(run, "base", "core", {"CORE": np.float64(0.2219), "arc_easy (centered)": 0.5,
-                                               "wall_time_s": 60.0})
-    report.write_section(run, "sft", "training", {"steps": 20, "tokens_per_step": 1024, "wall_time_s": 120.0})
-    report.write_section(run, "sft", "chat_eval", {k: np.float32(v) if k == "MMLU" else v for k, v in SFT_CHAT.items()})
-    report.write_section(run, "mid", "chat_eval", {"gsm8k": 0.025})  # names match ignoring case and punctuation
-    write_metrics(report.paths.run_dir(run, "base") / "metrics.jsonl", 40, 9.0, resume_at=25)
-    write_metrics(report.paths.run_dir(run, "sft") / "metrics.jsonl", 20, 3.0)
+    write_section(run, "base", "core", {"CORE": np.float64(0.2219), "arc_easy (centered)": 0.5, "wall_time_s": 60.0})
+    write_section(run, "sft", "training", {"steps": 20, "tokens_per_step": 1024, "wall_time_s": 120.0})
+    write_section(run, "sft", "chat_eval", {k: np.float32(v) if k == "MMLU" else v for k, v in SFT_CHAT.items()})
+    write_section(run, "mid", "chat_eval", {"gsm8k": 0.025})  # names match ignoring case and punctuation
+    write_metrics(paths.run_dir(run, "base") / "metrics.jsonl", 40, 9.0, resume_at=25)
+    write_metrics(paths.run_dir(run, "sft") / "metrics.jsonl", 20, 3.0)
 
 
 def tables(markdown: str) -> list[list[str]]:
@@ -155,71 +139,10 @@ def test_missing_everything_renders_an_empty_card(home):
     assert "Total wall clock: —" in text and "## Plots" not in text
 
 
-def test_write_section_merges_and_replaces_atomically(home, monkeypatch):
-    path = report.write_section("r", "base", "training", {"steps": np.int64(3), "loss": np.float32(0.5),
-                                                           "arr": np.arange(3), "bad": float("nan")})
-    report.write_section("r", "base", "core", {"CORE": 0.2})
-    report.write_section("r", "base", "training", {"steps": 4})
-    sections = json.loads(path.read_text())
-    assert set(sections) == {"training", "core"}
-    assert sections["training"]["data"] == {"steps": 4}
-    assert sections["training"]["timestamp"].endswith("Z")
-    assert path.stat().st_mode & 0o777 == 0o644
-    before = path.read_text()
-    with pytest.raises(TypeError, match="base/chat_eval\\['x'\\] is a object"):
-        report.write_section("r", "base", "chat_eval", {"x": object()})
-    assert path.read_text() == before  # rejected before the file is touched
-
-    def broken_replace(src, dst):
-        raise OSError("disk full")
-    monkeypatch.setattr(report.os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
-        report.write_section("r", "base", "chat_eval", {"GSM8K": 0.1})
-    monkeypatch.undo()
-    assert path.read_text() == before
-    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # no temp files left behind
-
-
-def test_write_section_keeps_a_corrupt_file_aside(home):
-    path = report.write_section("r", "sft", "training", {"steps": 1})
-    path.write_text("garbage")
-    with pytest.warns(UserWarning, match="report.json: unreadable"):
-        report.write_section("r", "sft", "chat_eval", {"MMLU": 0.3})
-    assert set(json.loads(path.read_text())) == {"chat_eval"}
-    kept = [p for p in path.parent.iterdir() if p.name.startswith("report.json.corrupt-")]
-    assert len(kept) == 1 and kept[0].read_text() == "garbage"
-
-
-def test_json_conversion():
-    assert report.jsonable({"a": (np.float32(1.5), np.int32(2)), 3: np.bool_(True), "p": Path("/x")}) == \
-        {"a": [1.5, 2], "3": True, "p": "/x"}
-    assert report.jsonable(float("inf")) == "inf"
-
-
-def test_training_section_from_metrics(home):
-    """The trainer's hook: loss/val bpb from metrics.jsonl, time summed over the invocations before a resume."""
-    write_metrics(report.paths.run_dir("t", "base") / "metrics.jsonl", 40, 9.0, resume_at=25)
-    config = types.SimpleNamespace(run="t", weight_decay=0.0, warmup_ratio=0.0, warmdown_ratio=0.2,
-                                   final_lr_frac=0.0, seed=0)
-    derived = types.SimpleNamespace(total_batch_size=4096, num_params=123, flops_per_token=6e3, n_layer=2,
-                                    model_dim=128, n_head=2, n_kv_head=2, vocab_size=1536, sequence_len=64,
-                                    device_batch_size=4, grad_accum_steps=1, embedding_lr=0.3, unembedding_lr=0.005,
-                                    matrix_lr=0.02)
-    path = report.write_training_section(config, "base", derived, start=24, step=40, target=40, wall_time_s=9.0,
-                                         device_kind="cpu", n_devices=4)
-    data = json.loads(path.read_text())["training"]["data"]
-    assert data["total_wall_time_s"] == pytest.approx(0.5 * 24 + 9.0)
-    assert data["final_loss"] == pytest.approx(9.0 * 0.97 ** 40)
-    assert data["val_bpb"] == pytest.approx(9.0 * 0.97 ** 40 / 3)
-    assert data["tokens_per_step"] == 4096 and data["tokens_trained"] == 40 * 4096
-    assert data["mfu_mean"] is None and 1000 < data["tokens_per_s_mean"] < 1041
-    assert data["config"]["depth"] == 2 and data["completed"] is True
-
-
 def test_cli(home, capsys):
     assert report.main(["--config=configs/tiny.py", "--config.run=cli"]) == 2
     assert "no run directory" in capsys.readouterr().err
-    report.write_section("cli", "base", "core", {"CORE": 0.1})
+    write_section("cli", "base", "core", {"CORE": 0.1})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a clean run must render without a single warning
         assert report.main([f"--config={REPO / 'configs' / 'tiny.py'}", "--config.run=cli"]) == 0

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from jaxchat import engine, model
+from jaxchat.config import model_config
 from test_engine import CLI_CONFIG
 from jaxchat.tokenizer import Tokenizer, render_for_completion
-from jaxchat.web import batcher as batcher_mod
 from jaxchat.web.app import GenerationDefaults, ServerThread, create_app
 from jaxchat.web.batcher import Batcher, Delta, Finished, NotReady, QueueFull, SamplingParams
 
@@ -144,18 +144,50 @@ HELLO = [{"role": "user", "content": "hello there"}]
 
 
 def test_decoding_a_prefix_of_the_rows_equals_decoding_them_alone_and_leaves_the_rest():
-    params = random_params()
+    graphdef, params = fixtures_model.random_params(CFG, 1, 0.3)
     rng = np.random.default_rng(0)
-    k = jnp.asarray(rng.normal(size=(CFG.n_layer, 4, 64, CFG.n_kv_head, CFG.head_dim)), jnp.float32)
-    cache = engine.KVCache(k, -k, jnp.asarray([5, 9, 3, 7], jnp.int32))
-    tokens = jnp.asarray([11, 22], jnp.int32)
-    prefix = engine.KVCache(k[:, :2], -k[:, :2], cache.lengths_B[:2])
-    want_logits, want = jax.jit(engine.forward_decode, static_argnums=0)(CFG, params, prefix, tokens)
-    got_logits, got = jax.jit(engine.forward_decode, static_argnums=0)(CFG, params, cache, tokens)
+    k = [jnp.asarray(rng.normal(size=(4, CFG.n_kv_head, 64, CFG.head_dim)), jnp.float32) for _ in range(CFG.n_layer)]
+    cache = model.KVCache(tuple(k), tuple(-x for x in k), jnp.asarray([5, 9, 3, 7], jnp.int32))
+    prefix = model.KVCache(tuple(x[:2] for x in k), tuple(-x[:2] for x in k), cache.lengths_B[:2])
+    tokens = jnp.asarray([[11], [22]], jnp.int32)
+    decode = jax.jit(model.forward_cached, static_argnums=0)
+    want_logits, want = decode(graphdef, params, tokens, prefix)
+    got_logits, got = decode(graphdef, params, tokens, cache)
     np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(got.k_LxBxSxHxD[:, :2]), np.asarray(want.k_LxBxSxHxD), rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(got.k_LxBxSxHxD[:, 2:]), np.asarray(k[:, 2:]))
+    for layer in range(CFG.n_layer):
+        np.testing.assert_allclose(np.asarray(got.k[layer][:2]), np.asarray(want.k[layer]), rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(got.k[layer][2:]), np.asarray(k[layer][2:]))
     np.testing.assert_array_equal(np.asarray(got.lengths_B), [6, 10, 3, 7])
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_server_greedy_equals_greedy_by_full_forward(n_kv_head):
+    """The batcher's path (one prompt prefilled into a slot of a shared cache, row buckets, attention buckets, rows
+    joining at different times) decodes exactly what full forward passes over the growing sequences give."""
+    from test_engine import greedy_by_full_forward
+
+    cfg = model.GPTConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=64, sequence_len=64,
+                          compute_dtype="float32")
+    graphdef, params = fixtures_model.random_params(cfg, n_kv_head, 0.3)
+    params["lm_head"]["kernel"] = jnp.where(jnp.asarray(_printable(tokenizer())), params["lm_head"]["kernel"], 0.0)
+    b = Batcher(engine.Engine(cfg, params, tokenizer()), max_rows=4, queue_size=8).start()
+    try:
+        b.wait_ready(timeout=600)
+        prompts = [prompt_ids([{"role": "user", "content": text}]) for text in ("hi", "the cat sat on the mat", "how")]
+        budgets = [30, 20, 40]
+        texts, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
+
+        def sink(i):
+            return lambda e: done[i].set() if isinstance(e, Finished) else texts[i].append(getattr(e, "text", ""))
+
+        for i, (p, m) in enumerate(zip(prompts, budgets)):
+            b.submit(p, SamplingParams(max_tokens=m, temperature=0.0), sink(i))
+            time.sleep(0.05 * i)  # rows join a batch already decoding
+        assert all(d.wait(120) for d in done)
+    finally:
+        b.stop()
+    want = greedy_by_full_forward(graphdef, params, prompts, budgets)
+    assert ["".join(t) for t in texts] == [tokenizer().decode(w[len(p):]) for w, p in zip(want, prompts)]
 
 
 # ---- the OpenAI API through the official client ----------------------------------------------------------------------
@@ -407,7 +439,7 @@ def test_a_client_that_disconnects_frees_its_row(random_server):
 
 
 def test_nothing_recompiles_after_warm_up(random_server):
-    before = dict(batcher_mod.TRACES)
+    before = dict(engine.TRACES)
     c = client(random_server)
     rng = np.random.default_rng(0)
     for i in range(12):  # prompts across every prompt bucket, varied sampling, several at once
@@ -420,7 +452,7 @@ def test_nothing_recompiles_after_warm_up(random_server):
             t.start()
         for t in threads:
             t.join()
-    assert dict(batcher_mod.TRACES) == before
+    assert dict(engine.TRACES) == before
 
 
 def test_batcher_direct_use_streams_events_in_order():
@@ -464,7 +496,7 @@ def test_serve_cli_serves_a_saved_checkpoint(tmp_path):
     try:
         config = load_config_file(str(tmp_path / "servetiny.py"))
         tokenizer().save(paths.tokenizer_dir("servetiny"))
-        cfg = model.GPTConfig.from_config(config)
+        cfg = model_config(config)
         from test_engine import scripted_params as build
 
         params = build(cfg, chain("<|assistant_start|>", "cat", "<|assistant_end|>"))

@@ -18,11 +18,11 @@ def tiny_config(**kw):
 
 def setup(c, mesh):
     d = C.derive(c)
-    cfg = model.GPTConfig.from_config(c)
+    cfg = C.model_config(c)
     graphdef, abstract = model.abstract_params(cfg)
     tx = optim.make_optimizer(c, d)
     ps = sharding.param_shardings(abstract, mesh)
-    ss = sharding.state_shardings(jax.eval_shape(tx.init, abstract), abstract, mesh)
+    ss = sharding.state_shardings(tx, abstract, mesh)
     params, opt_state = train_step.init_state(cfg, 0, tx, param_shardings=ps, state_shardings=ss)
     step = train_step.jit_train_step(graphdef, tx, param_shardings=ps, state_shardings=ss,
                                      batch_sharding=sharding.batch_sharding(mesh))
@@ -138,7 +138,7 @@ def test_logged_grad_norm_is_measured_before_clipping():
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     d, params, opt_state, step = setup(c, mesh)
     batch = next(batches(1, (1, 8, c.sequence_len)))
-    graphdef, _ = model.abstract_params(model.GPTConfig.from_config(c))
+    graphdef, _ = model.abstract_params(C.model_config(c))
     grads = jax.grad(model.loss_fn)(params, graphdef, batch["inputs"][0], batch["targets"][0])
     raw_norm = float(optax.tree.norm(grads))
     assert raw_norm > 0.5  # so the step clips
@@ -152,7 +152,7 @@ def test_remat_and_chunked_loss_leave_the_sharded_step_unchanged(single_device_r
     c, (losses_1, params_1) = single_device_run
     c = c.copy_and_resolve_references()
     c.update(dict(remat="full", loss_chunk=8))  # 8 tokens over device_batch_size=2 rows: 4 positions per chunk
-    assert model.GPTConfig.from_config(c).loss_chunk == 4
+    assert C.model_config(c).loss_chunk == 4
     losses, params = run(c, (2, 2))
     np.testing.assert_allclose(losses, losses_1, rtol=2e-5)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_1)):

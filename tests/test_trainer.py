@@ -132,7 +132,7 @@ def test_missing_tokenizer_names_the_command(tmp_path):
 
 def test_bad_stage_and_bad_config_fail_clearly(home):
     proc = train(home, "x", "--stage=nope")
-    assert proc.returncode == 2 and "--stage must be one of" in proc.stderr
+    assert proc.returncode == 2 and "argument --stage: invalid choice: 'nope'" in proc.stderr
     proc = train(home, "x", "--stage=base", "--config.depth=0")
     assert proc.returncode == 2 and "depth must be >= 1" in proc.stderr
 
@@ -272,14 +272,14 @@ def synchronous_losses(config):
 
     derived = C.derive(config, len(jax.devices()))
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp)
-    graphdef, abstract = model.abstract_params(model.GPTConfig.from_config(config,
+    graphdef, abstract = model.abstract_params(C.model_config(config,
                                                                            attention=trainer.resolve_attention(config)))
     tx = optim.make_optimizer(config, derived)
     ps = sharding.param_shardings(abstract, mesh)
-    ss = sharding.state_shardings(jax.eval_shape(tx.init, abstract), abstract, mesh)
+    ss = sharding.state_shardings(tx, abstract, mesh)
     bs = sharding.batch_sharding(mesh)
     step_fn = train_step.jit_train_step(graphdef, tx, param_shardings=ps, state_shardings=ss, batch_sharding=bs)
-    params, opt_state = train_step.init_state(model.GPTConfig.from_config(config), config.seed, tx,
+    params, opt_state = train_step.init_state(C.model_config(config), config.seed, tx,
                                               param_shardings=ps, state_shardings=ss)
     stream = Counting(config.device_batch_size * len(jax.devices()), config.sequence_len, 0, [])
     out = {}

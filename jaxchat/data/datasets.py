@@ -46,6 +46,32 @@ def shards_needed(tokens: float, tokens_per_shard: float, spare: float = SHARD_S
     return math.ceil(tokens * (1 + spare) / tokens_per_shard)
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardNeed:
+    """A base horizon against a dataset's train shards. Where the tokens per shard come from is the subclass's:
+    the dataset's known figures at config time (config.DataPlan), or a sample of the shards on disk at start-up
+    (pretrain.DataHorizon)."""
+
+    packing: str
+    train_shards: int  # train shards the dataset has (DataPlan) or that are on disk (DataHorizon)
+    chars_per_token: float
+    crop_fraction: float  # of the tokens read, cropped away by the packing (0 for stream)
+    horizon_tokens: int
+
+    @property
+    def tokens_per_shard(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def shards_exact(self) -> float:
+        return self.horizon_tokens / self.tokens_per_shard
+
+    @property
+    def shards_needed(self) -> int:
+        """Train shards to download: the exact need plus the downloads' spare."""
+        return shards_needed(self.horizon_tokens, self.tokens_per_shard)
+
+
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.parquet"
 

@@ -47,7 +47,7 @@ import grain
 import numpy as np
 
 from jaxchat.config import PACKINGS
-from jaxchat.data.datasets import shards_needed
+from jaxchat.data.datasets import ShardNeed
 from jaxchat.data.shards import num_docs, num_row_groups, read_row_group
 
 STATE_VERSION = 1
@@ -385,17 +385,13 @@ def val_batches(val_path: Path | str, tokenizer, batch_size: int, seq_len: int, 
 
 
 @dataclasses.dataclass(frozen=True)
-class DataHorizon:
-    """The train shards on disk against a run's horizon, from a measured sample (see `data_horizon`)."""
+class DataHorizon(ShardNeed):
+    """The train shards on disk against a run's horizon, from a measured sample (see `data_horizon`): chars per
+    token and the packer's crop fraction are measured on it."""
 
-    packing: str
-    train_shards: int
     docs: int  # documents in all train shards (parquet metadata)
-    sample_docs: int  # documents tokenized to measure the figures below
+    sample_docs: int  # documents tokenized to measure chars_per_token, tokens_per_doc and the crop
     tokens_per_doc: float  # BOS included
-    chars_per_token: float
-    crop_fraction: float  # of tokens, by the packer (0 for stream)
-    horizon_tokens: int
 
     @property
     def tokens_available(self) -> float:
@@ -408,11 +404,6 @@ class DataHorizon:
     @property
     def epochs(self) -> float:
         return self.horizon_tokens / self.tokens_available
-
-    @property
-    def shards_needed(self) -> int:
-        """Train shards for the horizon at the measured tokens per shard, with the spare the downloads add."""
-        return shards_needed(self.horizon_tokens, self.tokens_per_shard)
 
     def record(self) -> dict[str, Any]:
         """The JSON form logged in metrics.jsonl."""

@@ -1,12 +1,13 @@
 """Chat evaluations (nanochat `chat_eval.py`): categorical multiple choice and generative problems, then ChatCORE.
 
 - Categorical (ARC, MMLU, TinyQuiz): prompts rendered for completion, right-padded with BOS into a (B, T) batch with
-  T bucketed to a power of two, one jitted forward that gathers each row's last-position logits on device (so only
+  T bucketed to a power of two, the engine's `last_logits` (each row's last position gathered on device, so only
   (B, V) crosses to the host), logits restricted to the problem's answer letters, argmax. Letters must be single tokens.
 - Generative (GSM8K, HumanEval, SpellingBee, Arithmetic): many problems go through the engine in one batched
   `generate_batch` call (the engine buckets prompts, prompt length and cache length), `num_samples` each; a problem
   passes if any sample passes (pass@k). Tool calls run exactly as in chat.
-- Problems are strided across processes and the counts summed, so every host evaluates a disjoint share.
+- Problems are strided across processes and the counts summed, so every host evaluates a disjoint share; within a
+  host the engine splits the rows over its mesh (every local device).
 - ChatCORE = mean over the six reference tasks of (acc - baseline) / (1 - baseline), only when all six ran.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from jaxchat.evaluate.core import bucket
+from jaxchat.engine import bucket
 from jaxchat.tasks import CHATCORE_TASKS
 from jaxchat.tasks.base import Task
 
@@ -47,21 +48,6 @@ class TaskResult:
 def _problem_indices(task: Task, max_problems: int, pidx: int, pcount: int) -> list[int]:
     n = len(task) if max_problems is None or max_problems < 0 else min(max_problems, len(task))
     return list(range(pidx, n, pcount))
-
-
-def make_last_logits(graphdef, params) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """(tokens (B, T), lengths (B,)) -> logits at each row's last valid position, (B, V) float32 on the host."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxchat import model
-
-    @jax.jit
-    def last(params, tokens_BxT, lengths_B):
-        logits_BxTxV = model.forward(graphdef, params, tokens_BxT)
-        return jnp.take_along_axis(logits_BxTxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-
-    return lambda tokens, lengths: np.asarray(last(params, tokens, lengths), np.float32)
 
 
 def letter_ids(tokenizer, letters: Sequence[str]) -> list[int]:
@@ -144,8 +130,7 @@ def chat_core(results: dict[str, TaskResult]) -> dict[str, float]:
     return out
 
 
-def run_chat_eval(tasks: dict[str, Task], *, graphdef, params, engine, tokenizer, seq_len: int, eval_cfg,
-                  log: Callable[[str], None] = print) -> dict:
+def run_chat_eval(tasks: dict[str, Task], *, engine, eval_cfg, log: Callable[[str], None] = print) -> dict:
     """Evaluate every task; returns {"tasks": {name: {accuracy, centered, correct, total, seconds, example}},
     "ChatCORE"?: x, "ChatCORE_cat"?: x}."""
     import jax
@@ -153,12 +138,11 @@ def run_chat_eval(tasks: dict[str, Task], *, graphdef, params, engine, tokenizer
     from jaxchat.sharding import sum_over_processes
 
     pidx, pcount = jax.process_index(), jax.process_count()
-    last_logits = None
+    tokenizer, seq_len = engine.tokenizer, engine.cfg.sequence_len
     results: dict[str, TaskResult] = {}
     for name, task in tasks.items():
         if task.eval_type == "categorical":
-            last_logits = last_logits or make_last_logits(graphdef, params)
-            r = categorical_eval(last_logits, tokenizer, task, seq_len=seq_len, batch_size=eval_cfg.batch_size,
+            r = categorical_eval(engine.last_logits, tokenizer, task, seq_len=seq_len, batch_size=eval_cfg.batch_size,
                                  max_problems=eval_cfg.max_problems, pidx=pidx, pcount=pcount)
         else:
             r = generative_eval(engine, tokenizer, task, num_samples=eval_cfg.num_samples,

@@ -11,8 +11,8 @@ ours are computed from positions, so any length works): `crop` > 0 crops longer 
 the reference does only for models that declare a max_seq_len (HF GPT-2, 1024). Config: `eval.core_crop`.
 
 Scoring needs only a `StatsFn`: tokens (B, T) -> per-position loss and greedy match, so any model (or a fake one in
-tests, through `stats_from_logits`) plugs in. `model_stats_fn(graphdef, params)` runs jaxchat's model under jit and
-computes both on the devices, rows split across devices, so (B, T, V) logits never reach the host.
+tests, through `stats_from_logits`) plugs in: jaxchat's model through `Engine.token_stats`, which computes both on the
+devices (rows split over the engine's mesh), so (B, T, V) logits never reach the host.
 Batching: every row of every example of a task is sorted by length and run `batch_rows` at a time, right-padded with
 BOS to a power-of-two T (>= 16), B fixed, so a handful of shapes compile for the whole bundle; rows longer than
 `row_tokens` (the model's sequence length) go fewer at a time, so no batch holds more tokens than `batch_rows` full
@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxchat.data.fetch import DamagedFileError
+from jaxchat.engine import bucket
 from jaxchat.paths import eval_bundle_dir
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -92,11 +93,6 @@ def spans(token_lists: Sequence[Sequence[int]], task_type: str) -> list[tuple[in
 
 
 # -- scoring ---------------------------------------------------------------------------------------
-def bucket(n: int, minimum: int) -> int:
-    """The smallest power of two >= max(n, minimum)."""
-    return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float32)
     m = x.max(axis=-1, keepdims=True)
@@ -213,42 +209,6 @@ def run_rows(stats_fn: StatsFn, rows: Sequence[Sequence[int]], pad_id: int, max_
         for j, i in enumerate(chunk):
             nll_out[i], match_out[i] = nll[j, :len(rows[i])], match[j, :len(rows[i])]
     return nll_out, match_out
-
-
-def model_stats_fn(graphdef, params) -> StatsFn:
-    """jaxchat.model as a StatsFn: the loss and greedy match of every position are computed on the devices, so only
-    (B, T) crosses to the host, never (B, T, V) logits. With several devices the rows are split across them (params
-    replicated); the batch is padded to a multiple of the device count."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    from jaxchat import model
-
-    devices = jax.local_devices()
-    mesh = Mesh(np.array(devices), ("rows",))
-    rows_sharding = NamedSharding(mesh, PartitionSpec("rows"))
-    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-
-    @jax.jit
-    def stats(params, tokens_BxT):
-        logits_BxTxV = model.forward(graphdef, params, tokens_BxT).astype(jnp.float32)
-        nxt = tokens_BxT[:, 1:]
-        logp = jax.nn.log_softmax(logits_BxTxV[:, :-1], axis=-1)
-        nll = -jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
-        match = jnp.argmax(logits_BxTxV[:, :-1], axis=-1) == nxt
-        zeros = jnp.zeros_like(nll[:, :1])
-        return jnp.concatenate([zeros, nll], axis=1), jnp.concatenate([zeros.astype(bool), match], axis=1)
-
-    def run(tokens: np.ndarray):
-        B = tokens.shape[0]
-        padded = -(-B // len(devices)) * len(devices)
-        if padded != B:
-            tokens = np.concatenate([tokens, np.repeat(tokens[-1:], padded - B, axis=0)])
-        nll, match = stats(params, jax.device_put(tokens, rows_sharding))
-        return np.asarray(nll)[:B], np.asarray(match)[:B]
-
-    return run
 
 
 def model_logits_fn(graphdef, params) -> LogitsFn:

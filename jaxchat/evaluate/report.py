@@ -1,19 +1,6 @@
-"""The report card: every stage and evaluation records named sections; `render` turns them into `report.md`.
-
-Writing: `write_section(run, stage, name, data)` merges one named section (UTC timestamp + data) into
-`runs/<run>/<stage>/report.json`. Sections the pipeline writes:
-
-    tokenizer/training     vocab size, chars, wall time, compression table        (stages.run_tokenizer)
-    <stage>/training       steps, wall time, loss, val bpb, tokens/s, MFU, config (trainer.run)
-    <stage>/core           {"core": x, "centered": {task: acc}, "results": {...}} (CORE evaluation)
-    <stage>/chat_eval      {"ARC-Easy": acc, ..., "ChatCORE": x}                  (chat evaluation)
-
-A section that took measurable time should carry `wall_time_s` (and `total_wall_time_s` when it spans several
-invocations): the total wall clock is their sum, because timestamps alone cannot tell a resumed run's idle gaps
-from work.
-
-Rendering: `render(run)` writes `runs/<run>/report.md` — the summary table first (the reference's report card),
-the environment, each stage's sections in pipeline order, and loss / val bpb plots as PNGs beside it.
+"""The report card: `render(run)` writes `runs/<run>/report.md` from the run's log book (runlog.py) — the summary
+table first (the reference's report card), the environment, each stage's sections in pipeline order, and loss / val
+bpb plots as PNGs beside it.
 
     python -m jaxchat.evaluate.report --config=configs/tiny.py [--config.run=NAME]
 """
@@ -21,276 +8,27 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import os
 import platform
 import re
 import subprocess
 import sys
-import tempfile
-import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from jaxchat import paths
+from jaxchat import paths, runlog
+from jaxchat.runlog import METRICS_FILE, SECTIONS_FILE, number
 
 PIPELINE = ("tokenizer", "base", "mid", "sft", "rl")
 STAGE_TITLES = {"tokenizer": "Tokenizer", "base": "Base model", "mid": "Midtraining", "sft": "Chat SFT", "rl": "Chat RL"}
 SUMMARY_ROWS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE")
 SUMMARY_STAGES = ("base", "mid", "sft", "rl")
 MISSING = "—"
-SECTIONS_FILE = "report.json"
 REPORT_FILE = "report.md"
 LOSS_PLOT = "report_loss.png"
 BPB_PLOT = "report_val_bpb.png"
 VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 REPO = Path(__file__).resolve().parents[2]
-SMOOTHING = 0.9  # the trainer's console EMA, so the report's "smoothed loss" matches what the log showed
-
-
-# -- writing ---------------------------------------------------------------------------------------------------------
-def _is_main_process() -> bool:
-    import jax  # lazily: rendering from a plain script should not pay for jax before it needs it
-
-    return jax.process_index() == 0
-
-
-def _utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def jsonable(value, where: str = "data"):
-    """`value` with numpy/jax scalars and arrays, tuples, Paths and ConfigDicts turned into plain JSON types.
-
-    Non-finite floats become the strings "nan"/"inf"/"-inf": json.dumps would write bare NaN, which is not JSON."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value) if math.isfinite(value) else str(value)
-    if isinstance(value, dict):
-        return {str(k): jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
-    if hasattr(value, "to_dict") and callable(value.to_dict):  # ml_collections.ConfigDict
-        return jsonable(value.to_dict(), where)
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, Path):
-        return str(value)
-    try:
-        import numpy as np
-
-        if isinstance(value, np.generic) or (hasattr(value, "shape") and hasattr(value, "dtype")):
-            arr = np.asarray(value)  # also jax arrays (fetched to host)
-            return jsonable(arr.item() if arr.ndim == 0 else arr.tolist(), where)
-    except ImportError:
-        pass
-    raise TypeError(f"report section {where} is a {type(value).__name__}, which has no JSON form; "
-                    "pass numbers, strings, lists or dicts")
-
-
-def read_sections(path: Path) -> dict:
-    """{name: {"timestamp", "data"}} from a report.json; a missing file is empty, a corrupt one warns and is empty."""
-    if not path.exists():
-        return {}
-    try:
-        sections = json.loads(path.read_text())
-        if not isinstance(sections, dict):
-            raise ValueError(f"expected a JSON object of sections, found {type(sections).__name__}")
-    except (OSError, ValueError) as e:
-        warnings.warn(f"{path}: unreadable report sections ({e}); skipping them", stacklevel=2)
-        return {}
-    good = {}
-    for name, section in sections.items():
-        if isinstance(section, dict) and isinstance(section.get("data"), dict):
-            good[name] = section
-        else:
-            warnings.warn(f"{path}: section {name!r} lacks a 'data' object; skipping it", stacklevel=2)
-    return good
-
-
-class _FileLock:
-    """An exclusive flock beside report.json, so two processes adding sections to one stage cannot lose each other's."""
-
-    def __init__(self, path: Path):
-        self.path, self._fd = path, None
-
-    def __enter__(self):
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: writers are rare enough to go unlocked
-            return self
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        if self._fd is not None:
-            os.close(self._fd)  # closing releases the flock
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are meant to be shared
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_section(run: str, stage: str, name: str, data: dict) -> Path | None:
-    """Record (or replace) section `name` of `stage`; returns report.json's path, or None on non-zero processes."""
-    if not isinstance(data, dict):
-        raise TypeError(f"report section {stage}/{name} must be a dict, got {type(data).__name__}")
-    payload = jsonable(data, f"{stage}/{name}")  # convert before touching the file: a bad value must not corrupt it
-    if not _is_main_process():
-        return None
-    directory = paths.run_dir(run, stage)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / SECTIONS_FILE
-    with _FileLock(directory / f".{SECTIONS_FILE}.lock"):
-        sections = {}
-        if path.exists():
-            try:
-                sections = json.loads(path.read_text())
-                if not isinstance(sections, dict):
-                    raise ValueError("not a JSON object")
-            except (OSError, ValueError) as e:
-                keep = path.with_name(f"{SECTIONS_FILE}.corrupt-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}")
-                os.replace(path, keep)
-                warnings.warn(f"{path}: unreadable ({e}); moved it to {keep.name} and started afresh", stacklevel=2)
-                sections = {}
-        sections[name] = {"timestamp": _utc_now(), "data": payload}
-        _write_atomic(path, json.dumps(sections, indent=2) + "\n")
-    return path
-
-
-class CharTally:
-    """Passes texts through while counting them, for the tokenizer section's chars/docs figures."""
-
-    def __init__(self, texts: Iterable[str]):
-        self.texts, self.chars, self.docs = texts, 0, 0
-
-    def __iter__(self) -> Iterator[str]:
-        for text in self.texts:
-            self.chars += len(text)
-            self.docs += 1
-            yield text
-
-
-# -- metrics ---------------------------------------------------------------------------------------------------------
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; unparsable lines (e.g. one cut by a crash) are skipped with one warning."""
-    if not path.exists():
-        return []
-    records, bad = [], []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        warnings.warn(f"{path}: unreadable ({e}); no metrics from it", stacklevel=2)
-        return []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-            records.append(record)
-        else:
-            bad.append(i)
-    if bad:
-        warnings.warn(f"{path}: skipped {len(bad)} unreadable line(s) (first: line {bad[0]})", stacklevel=2)
-    return records
-
-
-def _number(x) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
-
-
-def _segments(records: list[dict]) -> list[list[dict]]:
-    """Split timed records into invocations: `elapsed` restarts from zero when a run resumes."""
-    segments: list[list[dict]] = []
-    last = None
-    for r in records:
-        e = _number(r.get("elapsed"))
-        if e is None:
-            continue
-        if last is None or e < last:
-            segments.append([])
-        segments[-1].append(r)
-        last = e
-    return segments
-
-
-def summarize_metrics(records: list[dict], before_step: int | None = None) -> dict:
-    """Loss (last and smoothed), val bpb (last and best), mean tokens/s and MFU, and the loop time summed over
-    invocations (records with step <= `before_step` only, when given)."""
-    if before_step is not None:
-        records = [r for r in records if r["step"] <= before_step]
-    losses = [x for x in (_number(r.get("loss")) for r in records) if x is not None]
-    smooth = None
-    for x in losses:
-        smooth = x if smooth is None else SMOOTHING * smooth + (1 - SMOOTHING) * x
-    bpbs = [x for x in (_number(r.get("val_bpb")) for r in records) if x is not None]
-    segments = _segments(records)
-    # The first logged step of each invocation includes compilation; leave it out of the means unless it is all there is.
-    steady = [r for seg in segments for r in seg[1:]] or [r for seg in segments for r in seg]
-
-    def mean(key):
-        xs = [x for x in (_number(r.get(key)) for r in steady) if x is not None]
-        return sum(xs) / len(xs) if xs else None
-
-    return {
-        "final_loss": losses[-1] if losses else None,
-        "final_loss_smoothed": smooth,
-        "val_bpb": bpbs[-1] if bpbs else None,
-        "min_val_bpb": min(bpbs) if bpbs else None,
-        "tokens_per_s_mean": mean("tokens_per_s"),
-        "mfu_mean": mean("mfu"),
-        "loop_time_s": sum(_number(seg[-1]["elapsed"]) for seg in segments),
-    }
-
-
-def write_training_section(config, stage: str, derived, *, start: int, step: int, target: int, wall_time_s: float,
-                           device_kind: str, n_devices: int) -> Path | None:
-    """The "training" section of a stage, from the trainer's end-of-run state plus its metrics.jsonl."""
-    records = read_metrics(paths.run_dir(config.run, stage) / "metrics.jsonl")
-    stats = summarize_metrics(records)
-    earlier = summarize_metrics(records, before_step=start)["loop_time_s"] if start else 0.0
-    data = {
-        "steps": step,
-        "target_steps": target,
-        "completed": step >= target,
-        "resumed_from_step": start,
-        "wall_time_s": wall_time_s,
-        # Approximate across resumes: time an interrupted invocation spent past its last checkpoint is not in the log.
-        "total_wall_time_s": earlier + wall_time_s,
-        **{k: v for k, v in stats.items() if k != "loop_time_s"},
-        "tokens_per_step": derived.total_batch_size,
-        "tokens_trained": step * derived.total_batch_size,
-        "num_params": derived.num_params,
-        "flops_per_token": derived.flops_per_token,
-        "device_kind": device_kind,
-        "n_devices": n_devices,
-        "config": {
-            "depth": derived.n_layer, "model_dim": derived.model_dim, "n_head": derived.n_head,
-            "n_kv_head": derived.n_kv_head, "vocab_size": derived.vocab_size, "sequence_len": derived.sequence_len,
-            "device_batch_size": derived.device_batch_size, "total_batch_size": derived.total_batch_size,
-            "grad_accum_steps": derived.grad_accum_steps, "embedding_lr": derived.embedding_lr,
-            "unembedding_lr": derived.unembedding_lr, "matrix_lr": derived.matrix_lr,
-            "weight_decay": config.weight_decay, "warmup_ratio": config.warmup_ratio,
-            "warmdown_ratio": config.warmdown_ratio, "final_lr_frac": config.final_lr_frac, "seed": config.seed,
-        },
-    }
-    return write_section(config.run, stage, "training", data)
 
 
 # -- environment -----------------------------------------------------------------------------------------------------
@@ -440,7 +178,7 @@ def _norm(name: str) -> str:
 def _metric(value) -> float | None:
     if isinstance(value, dict):  # {"accuracy": x} from a more detailed evaluator
         value = value.get("accuracy", value.get("acc"))
-    return _number(value)
+    return number(value)
 
 
 def summary_values(stage_sections: dict[str, dict]) -> dict[str, dict[str, float]]:
@@ -470,8 +208,8 @@ def summary_values(stage_sections: dict[str, dict]) -> dict[str, dict[str, float
 
 def _duration(data: dict) -> float | None:
     for key in ("total_wall_time_s", "wall_time_s"):
-        if _number(data.get(key)) is not None:
-            return _number(data[key])
+        if number(data.get(key)) is not None:
+            return number(data[key])
     return None
 
 
@@ -485,13 +223,13 @@ def _parse_time(stamp) -> dt.datetime | None:
 def _stages(run_dir: Path) -> list[str]:
     """Pipeline stages first, in order, then any other stage folder that holds report data."""
     found = [p.name for p in sorted(run_dir.iterdir()) if p.is_dir()
-             and ((p / SECTIONS_FILE).exists() or (p / "metrics.jsonl").exists())] if run_dir.is_dir() else []
+             and ((p / SECTIONS_FILE).exists() or (p / METRICS_FILE).exists())] if run_dir.is_dir() else []
     return [s for s in PIPELINE if s in found] + [s for s in found if s not in PIPELINE]
 
 
 # -- plots -----------------------------------------------------------------------------------------------------------
 def _tokens_per_step(record: dict, section_value) -> float | None:
-    return _number(record.get("tokens_per_step")) or _number(section_value)
+    return number(record.get("tokens_per_step")) or number(section_value)
 
 
 def plot(out_dir: Path, curves: dict[str, dict]) -> dict[str, Path]:
@@ -513,10 +251,7 @@ def plot(out_dir: Path, curves: dict[str, dict]) -> dict[str, Path]:
             tokens = [p[1] for p in points if p[1] is not None]
             style = {"color": color, "label": stage}
             if key == "loss":
-                smooth, ema = [], None
-                for v in values:
-                    ema = v if ema is None else SMOOTHING * ema + (1 - SMOOTHING) * v
-                    smooth.append(ema)
+                smooth = runlog.smooth(values)
                 ax_step.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
                 ax_step.plot(steps, smooth, **style)
                 if len(tokens) == len(points):
@@ -547,9 +282,9 @@ def _curves(stage: str, records: list[dict], training: dict) -> dict:
     for r in records:
         tps = _tokens_per_step(r, per_step)
         tokens = r["step"] * tps if tps else None
-        if _number(r.get("loss")) is not None:
+        if number(r.get("loss")) is not None:
             loss.append((r["step"], tokens, float(r["loss"])))
-        if _number(r.get("val_bpb")) is not None:
+        if number(r.get("val_bpb")) is not None:
             bpb.append((r["step"], tokens, float(r["val_bpb"])))
     return {"loss": loss, "val_bpb": bpb}
 
@@ -559,14 +294,14 @@ def render(run: str) -> Path:
     """Write runs/<run>/report.md (and its PNGs) from whatever stages have recorded; returns its path."""
     run_dir = paths.run_dir(run)
     out = run_dir / REPORT_FILE
-    if not _is_main_process():
+    if not runlog.is_main_process():
         return out
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = _stages(run_dir)
-    sections = {s: read_sections(run_dir / s / SECTIONS_FILE) for s in stages}
-    metrics = {s: read_metrics(run_dir / s / "metrics.jsonl") for s in stages}
+    sections = {s: runlog.read_sections(run_dir / s / SECTIONS_FILE) for s in stages}
+    metrics = {s: runlog.read_metrics(run_dir / s / METRICS_FILE) for s in stages}
 
-    lines = [f"# jaxchat report: {run}", "", f"Rendered {_utc_now()}.", "", "## Summary", ""]
+    lines = [f"# jaxchat report: {run}", "", f"Rendered {runlog.utc_now()}.", "", "## Summary", ""]
     values = summary_values(sections)
     lines += _table(["Metric"] + [s.upper() for s in SUMMARY_STAGES],
                     [[row] + [f"{values[row][s]:.4f}" if s in values[row] else MISSING for s in SUMMARY_STAGES]
@@ -601,7 +336,7 @@ def render(run: str) -> Path:
         for key, path in made.items():
             lines += [f"![{key.replace('_', ' ')}]({path.name})", ""]
 
-    _write_atomic(out, "\n".join(lines).rstrip("\n") + "\n")
+    runlog.write_atomic(out, "\n".join(lines).rstrip("\n") + "\n")
     return out
 
 
@@ -627,14 +362,15 @@ def _environment_lines(started: dt.datetime | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     from jaxchat import config as C
 
     argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(prog="python -m jaxchat.evaluate.report",
+                                 description="Write a run's report card, report.md in its run directory.")
     try:
-        config, rest = C.parse_args(argv)
-        if rest:
-            raise C.ConfigError(f"unknown argument {rest[0]!r} (usage: python -m jaxchat.evaluate.report "
-                                "--config=configs/<name>.py [--config.run=NAME])")
+        config, _ = C.parse_command(argv, ap)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

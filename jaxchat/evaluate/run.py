@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from jaxchat import paths
-from jaxchat.config import ConfigError, parse_args
+from jaxchat import paths, runlog
+from jaxchat.config import ConfigError, parse_command
 from jaxchat.tasks import CHATCORE_TASKS
 
 STAGES = ("base", "mid", "sft", "rl")
@@ -27,21 +27,13 @@ def default_tasks(config, stage: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _record(config, stage: str, name: str, data: dict) -> None:
-    try:
-        from jaxchat.evaluate.report import write_section
-    except ImportError:  # the report card is optional for evaluation itself
-        return
-    write_section(config.run, stage, name, data)
-
-
 def evaluate_stage(config, stage: str, tasks: list[str] | None = None, step: int | None = None,
                    log: Callable[[str], None] = print) -> dict:
     """Run `tasks` on the stage's checkpoint; returns {"step", "core"?, "chat"?, "skipped"}."""
     import jax
 
-    from jaxchat import model
-    from jaxchat.chat import load_model
+    from jaxchat import sharding
+    from jaxchat.checkpoint import load_model
     from jaxchat.data.fetch import FetchError
     from jaxchat.data.hub import HubDatasetUnavailable
     from jaxchat.data.hub import offline as hub_offline
@@ -55,8 +47,11 @@ def evaluate_stage(config, stage: str, tasks: list[str] | None = None, step: int
     unknown = [t for t in tasks if t != "CORE" and t not in EVAL_TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from CORE, {', '.join(EVAL_TASKS)}")
-    cfg, params, ckpt_step, tokenizer = load_model(config, stage, step)
-    graphdef, _ = model.abstract_params(cfg)
+    # This process's devices: the weights are replicated over them and CORE's and the chat evals' rows are split
+    # over them (every process scores its own share of the problems).
+    mesh = sharding.make_mesh(1, devices=jax.local_devices())
+    cfg, params, ckpt_step, tokenizer = load_model(config, stage, step=step, mesh=mesh)
+    engine = Engine(cfg, params, tokenizer, mesh=mesh)
     out_dir = paths.run_dir(config.run, stage)
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"evaluating {config.run}/{stage} step {ckpt_step} on {', '.join(tasks) or 'nothing'}")
@@ -69,7 +64,7 @@ def evaluate_stage(config, stage: str, tasks: list[str] | None = None, step: int
             if not (Path(bundle) / "core.yaml").exists():
                 raise FileNotFoundError(f"no CORE bundle in {bundle} and offline mode is on; fetch it where the "
                                         f"network is reachable: `{core.FETCH_COMMAND}`")
-            result = core.evaluate_core(core.model_stats_fn(graphdef, params), tokenizer, bundle,
+            result = core.evaluate_core(engine.token_stats, tokenizer, bundle,
                                         max_per_task=config.eval.core_max_per_task,
                                         max_seq_len=core.crop_length(config), row_tokens=cfg.sequence_len, log=log)
         except (FetchError, FileNotFoundError) as e:
@@ -80,9 +75,9 @@ def evaluate_stage(config, stage: str, tasks: list[str] | None = None, step: int
                 core.write_results_csv(result, out_dir / "core.csv")
             summary["core"] = result
             log(f"CORE {result['core']:.4f}")
-            _record(config, stage, "core", {"CORE": result["core"], **{f"{k} (centered)": v
-                                                                       for k, v in result["centered"].items()},
-                                            "wall_time_s": time.perf_counter() - t0})
+            centered = {f"{k} (centered)": v for k, v in result["centered"].items()}
+            runlog.write_section(config.run, stage, "core", {"CORE": result["core"], **centered,
+                                                             "wall_time_s": time.perf_counter() - t0})
 
     chat_names = [t for t in tasks if t != "CORE"]
     if chat_names:
@@ -98,9 +93,7 @@ def evaluate_stage(config, stage: str, tasks: list[str] | None = None, step: int
                 log(f"{name} skipped: {summary['skipped'][name]}")
                 continue
             available[name] = task
-        engine = Engine(cfg, params, tokenizer)
-        result = chat_eval.run_chat_eval(available, graphdef=graphdef, params=params, engine=engine,
-                                         tokenizer=tokenizer, seq_len=cfg.sequence_len, eval_cfg=config.eval, log=log)
+        result = chat_eval.run_chat_eval(available, engine=engine, eval_cfg=config.eval, log=log)
         summary["chat"] = result
         chat_seconds = time.perf_counter() - t0
 
@@ -110,7 +103,7 @@ def evaluate_stage(config, stage: str, tasks: list[str] | None = None, step: int
             tasks_done = merged["chat"]["tasks"]
             section = {name: r["accuracy"] for name, r in tasks_done.items()}
             section.update({k: merged["chat"][k] for k in ("ChatCORE", "ChatCORE_cat") if k in merged["chat"]})
-            _record(config, stage, "chat_eval", {**section, "wall_time_s": chat_seconds})
+            runlog.write_section(config.run, stage, "chat_eval", {**section, "wall_time_s": chat_seconds})
     return summary
 
 
@@ -142,18 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from jaxchat.checkpoint import CheckpointError, IncompatibleCheckpointError
 
-    try:
-        config, rest = parse_args(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     ap = argparse.ArgumentParser(prog="python -m jaxchat.evaluate", description="Evaluate a trained stage.")
     ap.add_argument("--stage", required=True, choices=STAGES)
     ap.add_argument("--tasks", default=None,
                     help="comma-separated: CORE and/or chat tasks (default: config.eval.base_tasks for base, "
                          "config.eval.chat_tasks otherwise)")
     ap.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    args = ap.parse_args(rest)
+    try:
+        config, args = parse_command(argv, ap)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
         evaluate_stage(config, args.stage, tasks, args.step)

@@ -1,21 +1,19 @@
 """Continuous batching: one background thread decodes every live request together; rows join and leave between steps.
 
-- A pool of `max_rows` slots shares one static KV cache (L, max_rows, S, H_kv, D), S = the model's context rounded up
-  to a power of two. Live rows are kept packed at the front: a finished row is replaced by the last live row (a jitted
-  row copy), so each step decodes only `bucket(live rows)` rows (1, 2, 4, ... max_rows) with `forward_decode`,
-  attending over `bucket(longest live row)` positions (64, 128, ... S) rather than all S: decode cost follows the keys
-  read, and chats are usually much shorter than the context.
-- A new request is prefilled alone at its bucketed prompt length and written into the first free slot by one jitted
-  program that also samples its first token (`_admit`); the cache is donated to every program. Waiting requests are
-  admitted between steps, all that fit, before the next decode.
-- Sampling is per row: temperature, top-k and top-p are traced arrays and each row's key is its seed folded with its own
-  step count, exactly as `Engine.generate` keys sample 0 of a prompt, so a seeded request draws the same tokens whatever
-  else is in the batch, and the same as the engine.
-- The calculator tool and stopping reuse `Engine.advance`, the engine's own state machine, so the server and the CLI
-  cannot drift apart. Text leaves through a `StreamDecoder` per row (never half a character); special tokens appear as
+- A pool of `max_rows` slots shares one KV cache (per layer (max_rows, H_kv, S, D)) whose length S is kept a power-of-
+  two bucket of the longest live row (64, 128, ... the context), grown or shrunk one bucket at a time as rows come and
+  go: decode reads every cached key, and chats are usually much shorter than the context. Live rows are kept packed at
+  the front: a finished row is replaced by the last live row (a jitted row copy), so each step decodes only
+  `bucket(live rows)` rows (1, 2, 4, ... max_rows) with the engine's `decode`.
+- A new request is prefilled alone at its bucketed prompt length by the engine's `prefill`, which also samples its
+  first token, and `insert`ed into the first free slot; the cache is donated to every program that keeps its shape. Waiting requests are admitted between
+  steps, all that fit, before the next decode.
+- This module only schedules: the programs, the sampler (per-row temperature, top-k, top-p; each row keyed by its seed
+  and its own step, so a seeded request draws what `Engine.generate` draws for sample 0 of its prompt, whatever else is
+  in the batch) and the calculator's state machine are the engine's, so the server and the CLI cannot drift apart. Text leaves through a `StreamDecoder` per row (never half a character); special tokens appear as
   their names, which is how tool calls reach clients (see schema.py).
 - `warm_up` compiles every program (prompt buckets; row buckets x attention buckets; the row copy) before `ready` turns
-  true, so no request ever waits on XLA; `TRACES` counts traces to prove it.
+  true, so no request ever waits on XLA; `engine.TRACES` counts traces to prove it.
 - The thread talks to the outside only through `submit` (thread-safe and bounded: `QueueFull` once `max_rows +
   queue_size` requests are in) and each request's `sink`, a callable the loop hands `Delta`/`Finished`/`Failed` events
   to. The web app's sink forwards them into an asyncio queue; tests and benchmarks may pass any callable.
@@ -37,12 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxchat.engine import MIN_CACHE_BUCKET, MIN_PROMPT_BUCKET, Engine, KVCache, RowState, bucket
-from jaxchat.engine import forward_decode, forward_prefill
+from jaxchat import engine as E
+from jaxchat.engine import MIN_CACHE_BUCKET, MIN_PROMPT_BUCKET, Engine, RowState, Sampling, bucket
+from jaxchat.model import KVCache
 from jaxchat.tokenizer import StreamDecoder
 
 log = logging.getLogger("jaxchat.serve")
-TRACES: collections.Counter = collections.Counter()  # program name -> times traced
 THROUGHPUT_WINDOW_S = 10.0
 TTFT_WINDOW = 1000  # requests whose time to first token /metrics summarises
 
@@ -112,68 +110,6 @@ class _Row:
     step: int = 1  # the step the next decode samples at: the first token (the admit) was step 0
     completion_tokens: int = 0
     ttft_s: float = 0.0
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The jitted programs
-
-
-def _sample_one(k_static: int, logits_V, key, temperature, top_k, top_p):
-    """engine.sample_tokens plus top-p: temperature 0 → argmax; otherwise sample the full softmax when top_k = 0 and
-    top_p = 1, else the `k_static` likeliest tokens cut to the top k and then to the nucleus (p normalised over the
-    whole vocabulary; the likeliest token always stays, so top_p = 0 is greedy). With top_p = 1 this draws exactly
-    what engine.sample_tokens draws from the same key."""
-    scaled_V = logits_V / jnp.maximum(temperature, 1e-6)
-    vals_K, idx_K = jax.lax.top_k(scaled_V, k_static)
-    probs_K = jnp.exp(vals_K - jax.nn.logsumexp(scaled_V))
-    rank_K = jnp.arange(k_static)
-    in_nucleus_K = (top_p >= 1.0) | ((jnp.cumsum(probs_K) - probs_K) < top_p)
-    keep_K = (in_nucleus_K & ((top_k <= 0) | (rank_K < top_k))) | (rank_K == 0)
-    key_k, key_full = jax.random.split(key)
-    truncated = idx_K[jax.random.categorical(key_k, jnp.where(keep_K, vals_K, -jnp.inf))]
-    full = jax.random.categorical(key_full, scaled_V)
-    sampled = jnp.where((top_k <= 0) & (top_p >= 1.0), full, truncated)
-    return jnp.where(temperature > 0, sampled, jnp.argmax(logits_V)).astype(jnp.int32)
-
-
-def _sample(logits_BxV, seeds_B, steps_B, temperature_B, top_k_B, top_p_B, max_top_k: int):
-    # Engine.generate's keys for sample 0 of a prompt (row_keys, then folded with the step), so a seeded request draws
-    # what the engine would draw.
-    row_key = lambda seed, step: jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 0), step)
-    keys_B = jax.vmap(row_key)(seeds_B, steps_B)
-    k_static = min(max_top_k, logits_BxV.shape[-1])
-    return jax.vmap(functools.partial(_sample_one, k_static))(logits_BxV, keys_B, temperature_B, top_k_B, top_p_B)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_top_k"), donate_argnames=("cache",))
-def _admit(cfg, max_top_k, params, cache: KVCache, tokens_1xT, length_1, slot, seed_1, temperature_1, top_k_1, top_p_1):
-    """Prefill one prompt into row `slot` and sample its first token."""
-    TRACES["admit"] += 1
-    logits_1xV, k_LxTxHxD, v_LxTxHxD = forward_prefill(cfg, params, tokens_1xT, length_1)
-    zero = jnp.zeros((), jnp.int32)
-    start = (zero, slot, zero, zero, zero)
-    k_all = jax.lax.dynamic_update_slice(cache.k_LxBxSxHxD, k_LxTxHxD.astype(cache.k_LxBxSxHxD.dtype), start)
-    v_all = jax.lax.dynamic_update_slice(cache.v_LxBxSxHxD, v_LxTxHxD.astype(cache.v_LxBxSxHxD.dtype), start)
-    lengths_B = cache.lengths_B.at[slot].set(length_1[0])
-    first_1 = _sample(logits_1xV, seed_1, jnp.zeros((1,), jnp.int32), temperature_1, top_k_1, top_p_1, max_top_k)
-    return first_1, KVCache(k_all, v_all, lengths_B)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_top_k", "attend_len"), donate_argnames=("cache",))
-def _decode(cfg, max_top_k, attend_len, params, cache: KVCache, tokens_b, seeds_b, steps_b, temperature_b, top_k_b,
-            top_p_b):
-    """One token for each of the first b rows, attending over the first `attend_len` positions."""
-    TRACES["decode"] += 1
-    logits_bxV, cache = forward_decode(cfg, params, cache, tokens_b, attend_len)
-    return _sample(logits_bxV, seeds_b, steps_b, temperature_b, top_k_b, top_p_b, max_top_k), cache
-
-
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def _move_row(cache: KVCache, src, dst):
-    TRACES["move_row"] += 1
-    return KVCache(cache.k_LxBxSxHxD.at[:, dst].set(cache.k_LxBxSxHxD[:, src]),
-                   cache.v_LxBxSxHxD.at[:, dst].set(cache.v_LxBxSxHxD[:, src]),
-                   cache.lengths_B.at[dst].set(cache.lengths_B[src]))
 
 
 def _i32(x):
@@ -260,7 +196,7 @@ class Batcher:
             raise ValueError(f"the prompt has a token id outside the model's vocabulary [0, {self.cfg.vocab_size})")
         if sampling.max_tokens < 1 or not 0 <= sampling.temperature or not 0 <= sampling.top_p <= 1:
             raise ValueError(f"invalid sampling parameters {sampling}")
-        top_k = self._top_k(sampling.top_k)
+        top_k = self.engine.check_top_k(sampling.top_k)
         sampling = dataclasses.replace(sampling, top_k=top_k, max_tokens=min(sampling.max_tokens, self.context_len - n))
         ticket = Ticket(prompt, sampling, sink)
         with self._cond:
@@ -279,13 +215,6 @@ class Batcher:
         if self.status == "failed":
             return f"the generation loop failed: {self.error}"
         return "the model is still warming up (compiling); retry in a few seconds"
-
-    def _top_k(self, top_k: int) -> int:
-        if top_k <= 0 or top_k >= self.cfg.vocab_size:
-            return 0
-        if top_k > self.engine.max_top_k:
-            raise ValueError(f"top_k={top_k} is above this server's bound {self.engine.max_top_k}")
-        return int(top_k)
 
     # -- metrics
 
@@ -343,32 +272,36 @@ class Batcher:
         self._fail_everything("the server is shutting down")
 
     def warm_up(self, workers: int | None = None) -> None:
-        """Compile every program the loop can run (each prompt bucket, each row bucket x attention bucket, the row
-        copy) in parallel threads from shapes alone (XLA compiles without the GIL, and jit's caches keep the result),
-        then run one admit and one decode for real so a runtime failure (memory) shows now rather than on a request."""
+        """Compile every program the loop can run in parallel threads from shapes alone (XLA compiles without the
+        GIL, and jit's caches keep the result): the prefill of each prompt bucket and its copy into each cache length
+        that holds it; at each cache length the decode of each row bucket and the row copy; the cache's growing and
+        shrinking between neighbouring lengths. Then one admit and one decode run for real, so a runtime failure
+        (memory) shows now rather than on a request."""
         t0 = time.perf_counter()
         sds = jax.ShapeDtypeStruct
         params = jax.tree.map(lambda x: sds(x.shape, x.dtype), self.engine.params)
-        kv = sds((self.cfg.n_layer, self.max_rows, self.cache_len, self.cfg.n_kv_head, self.cfg.head_dim),
-                 jnp.dtype(self.cfg.compute_dtype))
-        cache = KVCache(kv, kv, sds((self.max_rows,), jnp.int32))
-        i32, u32, f32 = (lambda *shape: sds(shape, jnp.int32)), (lambda *shape: sds(shape, jnp.uint32)), \
-            (lambda *shape: sds(shape, jnp.float32))
-        cfg, k = self.cfg, self.engine.max_top_k
-        jobs = [functools.partial(_admit.lower, cfg, k, params, cache, i32(1, T), i32(1), i32(), u32(1), f32(1), i32(1),
-                                  f32(1)) for T in self._buckets(MIN_PROMPT_BUCKET, self._max_prompt_bucket())]
-        jobs += [functools.partial(_decode.lower, cfg, k, s, params, cache, i32(b), u32(b), i32(b), f32(b), i32(b),
-                                   f32(b)) for b in self._buckets(1, self.max_rows) for s in self._attend_buckets()]
-        jobs.append(functools.partial(_move_row.lower, cache, i32(), i32()))
+        caches = {S: jax.eval_shape(functools.partial(self.engine.new_cache, self.max_rows, S))
+                  for S in self._cache_buckets()}
+        i32 = lambda *shape: sds(shape, jnp.int32)  # noqa: E731
+        sampling = lambda n: Sampling(*(sds((n,), t) for t in (jnp.uint32, jnp.uint32, jnp.float32, jnp.int32,  # noqa: E731
+                                                                 jnp.float32)))
+        cfg, k, prompts = self.cfg, self.engine.max_top_k, self._buckets(MIN_PROMPT_BUCKET, self._max_prompt_bucket())
+        jobs = [functools.partial(E.prefill.lower, cfg, k, params, i32(1, T), i32(1), sampling(1)) for T in prompts]
+        fresh = {T: jax.eval_shape(lambda T=T: KVCache.zeros(cfg, 1, T)) for T in prompts}
+        for S, cache in caches.items():
+            jobs += [functools.partial(E.insert.lower, cache, fresh[T], i32(), 1) for T in prompts if T <= S]
+            jobs += [functools.partial(E.resize.lower, cache, other) for other in (S // 2, S * 2) if other in caches]
+            jobs += [functools.partial(E.decode.lower, cfg, k, params, cache, i32(b), i32(b), sampling(b))
+                     for b in self._buckets(1, self.max_rows)]
+            jobs.append(functools.partial(E.move_row.lower, cache, i32(), i32()))
         with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
             for future in [pool.submit(lambda job=job: job().compile()) for job in jobs]:
                 future.result()
         self._cache = self._new_cache()
-        pad_prompt = np.full((1, MIN_PROMPT_BUCKET), self.engine.pad_id, np.int32)
-        first, self._cache = self._call_admit(self._cache, pad_prompt, 1, 0, 0, 0.0, 0, 1.0)
-        sampled, self._cache = self._call_decode(self._cache, self._attend_buckets()[0], [self.engine.pad_id], [0], [0],
-                                                 [0.0], [0], [1.0])
-        jax.block_until_ready((first, sampled))
+        self._admit_one(Ticket([self.engine.pad_id], SamplingParams(max_tokens=2, temperature=0.0), lambda _: None))
+        self._step()
+        jax.block_until_ready(self._cache)
+        self._rows, self._m, self._ttfts = [], collections.Counter(), collections.deque(maxlen=TTFT_WINDOW)
         self._cache = self._new_cache()
         self.warmup_s = round(time.perf_counter() - t0, 3)
         log.info("warm-up compiled %d programs in %.1f s", len(jobs), self.warmup_s)
@@ -376,7 +309,7 @@ class Batcher:
     def _max_prompt_bucket(self) -> int:
         return bucket(self.context_len - 1, MIN_PROMPT_BUCKET)
 
-    def _attend_buckets(self) -> list[int]:
+    def _cache_buckets(self) -> list[int]:
         return self._buckets(min(MIN_CACHE_BUCKET, self.cache_len), self.cache_len)
 
     @staticmethod
@@ -387,18 +320,7 @@ class Batcher:
         return out
 
     def _new_cache(self) -> KVCache:
-        return KVCache.zeros(self.cfg, self.max_rows, self.cache_len)
-
-    def _call_admit(self, cache, tokens_1xT, length, slot, seed, temperature, top_k, top_p):
-        first, cache = _admit(self.cfg, self.engine.max_top_k, self.engine.params, cache, tokens_1xT,
-                              _i32([length]), _i32(slot), np.asarray([seed], np.uint32),
-                              np.asarray([temperature], np.float32), _i32([top_k]), np.asarray([top_p], np.float32))
-        return first, cache
-
-    def _call_decode(self, cache, attend_len, tokens, seeds, steps, temperature, top_k, top_p):
-        return _decode(self.cfg, self.engine.max_top_k, attend_len, self.engine.params, cache, _i32(tokens),
-                       np.asarray(seeds, np.uint32), _i32(steps), np.asarray(temperature, np.float32), _i32(top_k),
-                       np.asarray(top_p, np.float32))
+        return self.engine.new_cache(self.max_rows, self._cache_buckets()[0])
 
     def _iterate(self) -> None:
         with self._cond:
@@ -432,9 +354,11 @@ class Batcher:
         T = bucket(len(prompt), MIN_PROMPT_BUCKET)
         tokens_1xT = np.full((1, T), self.engine.pad_id, np.int32)
         tokens_1xT[0, :len(prompt)] = prompt
-        slot = len(self._rows)
-        first, self._cache = self._call_admit(self._cache, tokens_1xT, len(prompt), slot, s.seed % 2**32,
-                                              s.temperature, s.top_k, s.top_p)
+        first, fresh = self.engine.prefill(tokens_1xT, [len(prompt)], Sampling.rows(
+            [s.seed % 2**32], [0], [s.temperature], [s.top_k], [s.top_p]))
+        # The cache must hold the padded prompt and every live row's next position.
+        self._cache = self.engine.fit_cache(self._cache, max([T] + [r.length + 1 for r in self._rows]), self.cache_len)
+        self._cache = E.insert(self._cache, fresh, _i32(len(self._rows)), 1)
         row = _Row(ticket, RowState(s.max_tokens), StreamDecoder(self.tokenizer), length=len(prompt))
         row.ttft_s = time.perf_counter() - ticket.submitted
         with self._cond:
@@ -444,20 +368,17 @@ class Batcher:
         return 1
 
     def _step(self) -> int:
-        n = len(self._rows)
-        b = bucket(n, 1)
-        pad = b - n
         rows = self._rows
-        # Attend over a bucket of the longest live row, not the whole context: decode cost follows the keys read.
-        attend_len = min(self.cache_len, bucket(max(r.length for r in rows) + 1, MIN_CACHE_BUCKET))
-        sampled, self._cache = self._call_decode(
-            self._cache, attend_len,
-            [r.next_input for r in rows] + [self.engine.pad_id] * pad,
-            [r.ticket.sampling.seed % 2**32 for r in rows] + [0] * pad,
-            [r.step for r in rows] + [0] * pad,
-            [r.ticket.sampling.temperature for r in rows] + [0.0] * pad,
-            [r.ticket.sampling.top_k for r in rows] + [0] * pad,
-            [r.ticket.sampling.top_p for r in rows] + [1.0] * pad)
+        n = len(rows)
+        pad = bucket(n, 1) - n
+        # The cache is kept a bucket of the longest live row, not the whole context: decode reads every cached key.
+        self._cache = self.engine.fit_cache(self._cache, max(r.length for r in rows) + 1, self.cache_len)
+        sampled, self._cache = self.engine.decode(
+            self._cache, [r.next_input for r in rows] + [self.engine.pad_id] * pad, [r.step for r in rows] + [0] * pad,
+            Sampling.rows([r.ticket.sampling.seed % 2**32 for r in rows] + [0] * pad, np.zeros(n + pad),
+                          [r.ticket.sampling.temperature for r in rows] + [0.0] * pad,
+                          [r.ticket.sampling.top_k for r in rows] + [0] * pad,
+                          [r.ticket.sampling.top_p for r in rows] + [1.0] * pad))
         sampled = np.asarray(sampled)
         for i, row in enumerate(rows):
             row.step += 1
@@ -468,7 +389,7 @@ class Batcher:
 
     def _take(self, row: _Row, sampled: int) -> None:
         """Run the engine's tool/stop state machine on a sampled token and send the row's new text."""
-        token, _ = self.engine.advance(row.state, sampled)  # the one tool state machine, shared with the CLI
+        token, _ = self.engine.calculator.advance(row.state, sampled)  # the one tool state machine, shared with the CLI
         row.next_input = token
         stopped = token in self.engine.stop_ids
         text = ""
@@ -508,7 +429,7 @@ class Batcher:
                 continue
             last = len(self._rows) - 1
             if i != last:
-                self._cache = _move_row(self._cache, _i32(last), _i32(i))
+                self._cache = E.move_row(self._cache, _i32(last), _i32(i))
                 self._rows[i] = self._rows[last]
             self._rows.pop()
 
