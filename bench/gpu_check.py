@@ -48,7 +48,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 # (name, seconds it may take on an H100/H200 with a cold compilation cache, seconds below which it is not started);
 # the dry run's toy stages take a few seconds each (up to 16 s on a loaded 2-core CPU) and get half of both.
 STAGES = [("env", 50, 15), ("attention", 60, 20), ("train", 150, 60), ("decode", 90, 30), ("eval", 75, 30),
-          ("extra", 150, 60)]
+          ("fp8", 120, 50), ("extra", 150, 60)]
 DRY_RUN_TIME_SCALE = 1 / 2
 SUMMARY_RESERVE_S = 5
 # Fault injection for the tests of the driver itself: the named stage hangs (dry run only), as a wedged kernel would.
@@ -62,6 +62,8 @@ FULL = {
     "decode": {"batch_sizes": [1, 8, 32, 128], "prompt_tokens": 1792, "decode_tokens": 256},
     "eval": {"problems": 128, "max_tokens": 256, "batch": 64, "single": 8},
     "extra_config": "configs/d26.py", "extra_batches": [16, 8, 4],
+    # the 2026 model at depth 12 (d24 compiles twice too slowly for the budget): bf16 and fp8 steps side by side
+    "fp8_config": "configs/d24.py", "fp8_overrides": ["--config.depth=12"], "fp8_batch": 16,
 }
 DRY = {
     "gemm_n": 512, "copy_bytes": 16 << 20,
@@ -72,6 +74,7 @@ DRY = {
     "decode": {"batch_sizes": [1, 4], "prompt_tokens": 96, "decode_tokens": 16},
     "eval": {"problems": 8, "max_tokens": 16, "batch": 8, "single": 2},
     "extra_config": "configs/tiny.py", "extra_batches": [4, 2],
+    "fp8_config": "configs/tiny.py", "fp8_overrides": ["--config.depth=2"], "fp8_batch": 4,
 }
 
 
@@ -370,8 +373,40 @@ def stage_extra(out: Path, sizes: dict, attention: str, **_):
     _fit_and_time(out, "extra", sizes, sizes["extra_config"], sizes["extra_batches"], attention, profile=False)
 
 
+def fp8_instructions(hlo: str) -> dict:
+    """What an optimised HLO holds of fp8: GEMMs on fp8 operands (cuBLASLt custom calls, or dots on f8 arrays where
+    no rewrite happened) and every instruction producing an f8 array (the quantisations)."""
+    gemms = [line for line in hlo.splitlines() if "f8e" in line and ("custom-call" in line or " dot(" in line)]
+    return {"fp8_gemms": len(gemms), "fp8_cublas_gemms": sum("cublas" in g.lower() for g in gemms),
+            "f8_instructions": sum(" = f8e" in line for line in hlo.splitlines())}
+
+
+def stage_fp8(out: Path, sizes: dict, attention: str, **_):
+    """The same 2026-model step in bf16 and with fp8 training matmuls (the record's --fp8): step time, MFU (FLOPs from
+    the model either way) and the FP8 GEMMs XLA compiled."""
+    from jaxchat.dryrun import TrainProgram
+
+    ms = {}
+    for fp8 in (False, True):
+        cfg = _train_config(sizes["fp8_config"], [*sizes["fp8_overrides"], f"--config.fp8={fp8}"], sizes["fp8_batch"],
+                            attention)
+        try:
+            prog = TrainProgram(cfg, attention)
+            params, opt_state, data = prog.init()
+            dt, _, params, opt_state = prog.run(params, opt_state, data, sizes["steps"], sizes["warmup"], log=print)
+        except Exception as e:  # noqa: BLE001 -- fp8 not supported here is a finding
+            emit(out, "fp8", kind="failed", fp8=fp8, error=f"{type(e).__name__}: {str(e)[:300]}")
+            continue
+        ms[fp8] = dt
+        emit(out, "fp8", kind="step", fp8=fp8, config=cfg.run, depth=cfg.depth, device_batch_size=cfg.device_batch_size,
+             compile_s=round(prog.compile_s, 1), **prog.figures(dt), **fp8_instructions(prog.compiled.as_text()))
+        del params, opt_state, data, prog
+    if len(ms) == 2:
+        emit(out, "fp8", kind="speedup", speedup=round(ms[False] / ms[True], 3))
+
+
 STAGE_FUNCTIONS = {"env": stage_env, "attention": stage_attention, "train": stage_train, "decode": stage_decode,
-                   "eval": stage_eval, "extra": stage_extra}
+                   "eval": stage_eval, "fp8": stage_fp8, "extra": stage_extra}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -464,6 +499,11 @@ def summary(records: list[dict], statuses: dict) -> str:
     mbu = lambda r: "n/a" if r["mbu"] is None else f"{100 * r['mbu']:.0f}%"  # noqa: E731
     row("decode", "; ".join(f"B={r['batch']}: TTFT {1e3 * r['ttft_s']:.1f} ms, TPOT {1e3 * r['tpot_s']:.2f} ms, "
                             f"{r['tokens_per_s']:,.0f} tok/s, MBU {mbu(r)}" for r in dec) or "-")
+    f8 = [r for r in records if r.get("stage") == "fp8" and r.get("kind") == "step"]
+    sp = find(records, "fp8", "speedup")
+    row("fp8", "; ".join(f"{'fp8' if r['fp8'] else 'bf16'} {r['step_ms']} ms, MFU {pct(r['mfu_percent'])}, "
+                         f"{r['fp8_gemms']} fp8 GEMMs ({r['fp8_cublas_gemms']} cuBLASLt)" for r in f8)
+        + (f" -> {sp['speedup']}x" if sp else "") or "-")
     ev = find(records, "eval", "throughput")
     row("eval", (f"{ev['batched_problems_per_s']} problems/s batched x{ev['batch']} vs {ev['single_problems_per_s']} "
                  f"one at a time ({ev['speedup']}x)") if ev else "-")

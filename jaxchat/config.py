@@ -43,6 +43,17 @@ def default_config() -> ConfigDict:
     c.sequence_len = 2048
     c.rope_base = 10000.0
     c.softcap = 15.0
+    # the 2026 recipe's model options (configs/d24.py; model.GPTConfig says what each does): October's values here
+    c.window_pattern = "L"  # per layer, tiled: "L" the whole context, "S" a quarter of it; "SSSL" in 2026
+    c.value_embeds = False
+    c.smear = False
+    c.backout = False
+    c.layer_scalars = False
+    c.qk_scale = 1.0  # 1.2
+    c.vocab_multiple = 1  # 64
+    c.init = "2025"  # "2026"
+    c.rope_bf16 = True  # False
+    c.fp8 = False  # training matmuls in fp8 (the record's --fp8; Hopper GPUs and later gain, evaluation stays bf16)
     c.compute_dtype = "bfloat16"
     c.attention = "auto"  # auto: cudnn on GPU, xla elsewhere
     # memory (model.py): what each block keeps for the backward ("none"; "dots": the weight matmuls' outputs, so the
@@ -58,8 +69,13 @@ def default_config() -> ConfigDict:
     # start-up by compiling (jaxchat.dryrun.auto_device_batch). A reference that takes an int or "auto" (set_field).
     c.device_batch_size = FieldReference(32, field_type=object)
     c.device_memory_gib = 80.0  # per device; "auto" keeps a step's need under JAX's 75% preallocation of it
-    c.total_batch_size = 524288  # tokens per optimizer step; -1: one micro-batch on every device
+    c.total_batch_size = 524288  # tokens per optimizer step; -1: one micro-batch on every device; 0: the 2026 rule
     c.target_param_data_ratio = 20.0
+    # the parameters the ratio counts: "all" (October) or "scaling" (2026: the block matrices and the head). With
+    # total_batch_size 0 the batch follows the 2026 rule (derive); batch_transfer scales every learning rate by
+    # sqrt(total_batch_size / 2**19) and Muon's weight decay by that and the depth-12 model's horizon over this one's.
+    c.horizon_params = "all"
+    c.batch_transfer = False
     c.num_iterations = -1  # > 0 overrides the derived horizon
     # optimizer
     c.embedding_lr = 0.2  # AdamW's two are tuned at width 768; derive() scales them to the model's
@@ -76,6 +92,16 @@ def default_config() -> ConfigDict:
     c.muon_momentum_start = 0.85  # ramped linearly to muon_momentum_end over muon_momentum_warmup steps
     c.muon_momentum_end = 0.95
     c.muon_momentum_warmup = 300
+    # the 2026 optimizer (nanochat-reference.md §2.1-2.5); October's values here
+    c.optimizer = "2025"  # "2026": the record's AdamW groups (own betas, eps, weight decay and lr for wte, head, value
+    # embeddings, resid and x0 scalars, gates); "2025": embedding and head at adam_beta1/2 and weight_decay
+    c.scalar_lr = 0.5  # 2026: x0 scalars at it, resid scalars at 1/100 of it (times the batch scale)
+    c.muon_equilibrate = False  # MuonEq: output features equalised before the orthogonalisation
+    c.muon_plus = False  # Muon+: the orthogonalised update renormalised to sqrt(min side)
+    c.muon_normuon_beta2 = 0.0  # NorMuon's second-moment decay (0.9); 0: off
+    c.muon_weight_decay = 0.0  # cautious, cosine-scheduled to 0 (0.28 in 2026, then transferred, see batch_transfer)
+    c.muon_momentum_final = 0.0  # > 0: momentum goes linearly to it over the lr warmdown (0.90 in 2026)
+    c.warmup_steps = 0  # > 0: an lr warmup of this many steps (40 in 2026) instead of warmup_ratio
     # schedule
     c.warmup_ratio = 0.0
     c.warmdown_ratio = 0.2  # the last 20% of the steps decay linearly to final_lr_frac of the peak
@@ -226,6 +252,7 @@ class Derived:
 
     model: Any  # model.GPTConfig: shapes, numerics, memory options
     num_params: int  # exact: counted on the model's own (abstract) parameters
+    scaling_params: int  # the block matrices and the head (the 2026 horizon's count)
     num_embedding_params: int
     flops_per_token: float
     n_devices: int
@@ -236,6 +263,8 @@ class Derived:
     embedding_lr: float
     unembedding_lr: float
     matrix_lr: float
+    batch_lr_scale: float = 1.0  # sqrt(total_batch_size / 2**19) with batch_transfer, else 1
+    muon_weight_decay: float = 0.0  # at step 0 (the schedule takes it to 0)
 
     @property
     def total_tokens(self) -> int:
@@ -342,12 +371,42 @@ def model_config(c: ConfigDict, attention: str = "xla"):
     return GPTConfig(vocab_size=c.vocab_size, n_layer=c.depth, n_head=n_head, n_kv_head=n_kv_head, n_embd=model_dim,
                      sequence_len=c.sequence_len, rope_base=c.rope_base, softcap=c.softcap,
                      compute_dtype=c.compute_dtype, attention=attention, remat=c.get("remat", "none"),
-                     loss_chunk=loss_chunk_positions(c))
+                     loss_chunk=loss_chunk_positions(c),
+                     **{f.name: c.get(f.name, f.default) for f in dataclasses.fields(GPTConfig)
+                        if f.name in MODEL_OPTIONS})
+
+
+# The config fields model.GPTConfig takes as they are (the 2026 recipe's model options).
+MODEL_OPTIONS = ("window_pattern", "value_embeds", "smear", "backout", "layer_scalars", "qk_scale", "vocab_multiple",
+                 "init", "rope_bf16", "fp8")
+B_REF = 2**19  # the batch the 2026 learning rates were tuned at (on a depth-12 model)
+REF_DEPTH = 12
+
+
+def param_counts(m) -> dict[str, int]:
+    """{"all", "embedding" (wte), "scaling" (the block matrices and the head: what the 2026 horizon counts),
+    "matmul" (every weight a matmul reads: blocks, head, smear gate; FLOPs count these)}, from the model itself."""
+    import jax  # here: the dial itself needs no jax
+
+    from jaxchat import model, sharding
+
+    params = model.abstract_params(m)[1]
+    flat = [(sharding.path_names(p), math.prod(x.shape), len(x.shape)) for p, x in
+            jax.tree_util.tree_leaves_with_path(params)]
+    return {"all": sum(n for _, n, _ in flat), "embedding": math.prod(params["wte"].shape),
+            "scaling": sum(n for names, n, _ in flat if names[0] in ("blocks", "lm_head")),
+            "matmul": sum(n for names, n, ndim in flat if ndim == 2 and names[0] not in ("wte", "value_embeds"))}
+
+
+def flops_per_token(m, counts: dict[str, int]) -> float:
+    """6 FLOPs per matmul weight (forward and backward; the head counts, the embedding lookups do not) plus attention's
+    QK^T and AV over each layer's window (the whole sequence for a long layer): October's formula when every layer is
+    long, the 2026 reference's with windows."""
+    attended = sum(m.window(i) or m.sequence_len for i in range(m.n_layer))
+    return float(6 * counts["matmul"] + 12 * m.n_head * m.head_dim * attended)
 
 
 def derive(c: ConfigDict, n_devices: int = 1) -> Derived:
-    from jaxchat import model
-
     model_shape(c)  # its errors first: they name the dial's fields
     _require(c.vocab_size >= 10, f"vocab_size must hold at least the 9 special tokens, got {c.vocab_size}")
     _require(c.sequence_len >= 2, f"sequence_len must be >= 2, got {c.sequence_len}")
@@ -363,14 +422,22 @@ def derive(c: ConfigDict, n_devices: int = 1) -> Derived:
     check_stage_fields(c)
     _require(c.get("packing", "stream") in PACKINGS,
              f"packing must be one of {', '.join(PACKINGS)}, got {c.get('packing')!r}")
+    _require(set(c.get("window_pattern", "L").upper()) <= {"S", "L"} and c.get("window_pattern", "L"),
+             f"window_pattern takes S and L only (e.g. SSSL), got {c.get('window_pattern')!r}")
+    _require(c.get("init", "2025") in ("2025", "2026"), f"init must be 2025 or 2026, got {c.get('init')!r}")
+    _require(c.get("horizon_params", "all") in ("all", "scaling"),
+             f"horizon_params must be all or scaling, got {c.get('horizon_params')!r}")
     m = model_config(c)
-    params = model.abstract_params(m)[1]
-    num_params, num_embedding_params = model.num_params(params), math.prod(params["wte"].shape)
-    # PaLM-style: 6 FLOPs per non-embedding parameter (the head counts) plus attention's QK^T and AV at full T.
-    flops_per_token = 6 * (num_params - num_embedding_params) + 12 * m.n_layer * m.n_head * m.head_dim * c.sequence_len
+    counts = param_counts(m)
+    horizon_params = counts[c.get("horizon_params", "all")]
 
     tokens_per_micro = c.device_batch_size * c.sequence_len * n_devices
-    total = tokens_per_micro if c.total_batch_size == -1 else c.total_batch_size
+    total = {-1: tokens_per_micro, 0: None}.get(c.total_batch_size, c.total_batch_size)
+    if total is None:
+        # The 2026 rule (Power Lines, arXiv 2505.13738): 2^19 tokens at depth 12, scaled by (D / D_12)^0.383 with D
+        # the horizon's tokens, rounded to a power of two; the ratio cancels, so the batch follows the model's size.
+        ref = param_counts(model_config(_with(c, depth=REF_DEPTH)))[c.get("horizon_params", "all")]
+        total = 2 ** round(math.log2(B_REF * (horizon_params / ref) ** 0.383))
     _require(
         total > 0 and total % tokens_per_micro == 0,
         f"total_batch_size={total} is not a multiple of device_batch_size*sequence_len*n_devices="
@@ -380,24 +447,39 @@ def derive(c: ConfigDict, n_devices: int = 1) -> Derived:
         num_iterations = c.num_iterations
     else:
         _require(c.target_param_data_ratio > 0, "set num_iterations > 0 or target_param_data_ratio > 0")
-        num_iterations = int(c.target_param_data_ratio * num_params) // total
+        num_iterations = int(c.target_param_data_ratio * horizon_params) // total
         _require(num_iterations >= 1, f"the derived horizon is {num_iterations} steps; set num_iterations")
 
     width_scale = (m.n_embd / 768) ** -0.5
+    batch_scale = math.sqrt(total / B_REF) if c.get("batch_transfer", False) else 1.0
+    muon_weight_decay = c.get("muon_weight_decay", 0.0)
+    if muon_weight_decay and c.get("batch_transfer", False):  # the T_epoch rule (arXiv 2405.13698)
+        ref = param_counts(model_config(_with(c, depth=REF_DEPTH)))[c.get("horizon_params", "all")]
+        muon_weight_decay *= batch_scale * ref / horizon_params
     return Derived(
         model=m,
-        num_params=num_params,
-        num_embedding_params=num_embedding_params,
-        flops_per_token=float(flops_per_token),
+        num_params=counts["all"],
+        num_embedding_params=counts["embedding"],
+        scaling_params=counts["scaling"],
+        flops_per_token=flops_per_token(m, counts),
         n_devices=n_devices,
         device_batch_size=c.device_batch_size,
         total_batch_size=total,
         grad_accum_steps=total // tokens_per_micro,
         num_iterations=num_iterations,
-        embedding_lr=c.embedding_lr * width_scale,
-        unembedding_lr=c.unembedding_lr * width_scale,
-        matrix_lr=c.matrix_lr,
+        embedding_lr=c.embedding_lr * width_scale * batch_scale,
+        unembedding_lr=c.unembedding_lr * width_scale * batch_scale,
+        matrix_lr=c.matrix_lr * batch_scale,
+        batch_lr_scale=batch_scale,
+        muon_weight_decay=muon_weight_decay,
     )
+
+
+def _with(c: ConfigDict, **fields) -> ConfigDict:
+    out = c.copy_and_resolve_references()
+    for key, value in fields.items():
+        out[key] = value
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -631,16 +713,21 @@ def describe(c: ConfigDict, d: Derived) -> str:
         f"parameters              {d.num_params:,}",
         f"  embedding (wte)       {d.num_embedding_params:,}",
         f"  non-embedding         {d.num_params - d.num_embedding_params:,}",
+        f"  scaling (blocks+head) {d.scaling_params:,}",
         f"FLOPs per token         {d.flops_per_token:.6e}",
         f"devices                 {d.n_devices}",
         _batch_line(c, d),
         f"memory                  remat {c.get('remat', 'none')}, loss chunk "
         + (f"{c.loss_chunk:,} tokens per device" if c.get("loss_chunk", 0) else "off (whole batch's logits)"),
         f"horizon                 {d.num_iterations:,} steps = {d.total_tokens:,} tokens "
-        f"({d.total_tokens / d.num_params:.1f} tokens/param), {d.flops_per_token * d.total_tokens:.3e} FLOPs",
-        f"learning rates          embedding {d.embedding_lr:.6g}, unembedding {d.unembedding_lr:.6g}, matrix (Muon) {d.matrix_lr:.6g}",
-        f"schedule                warmup {c.warmup_ratio}, warmdown {c.warmdown_ratio}, final lr frac {c.final_lr_frac}; "
-        f"Muon momentum {c.muon_momentum_start} -> {c.muon_momentum_end} over {c.muon_momentum_warmup} steps",
+        f"({_tokens_per_param(c, d)}), {d.flops_per_token * d.total_tokens:.3e} FLOPs",
+        f"learning rates          embedding {d.embedding_lr:.6g}, unembedding {d.unembedding_lr:.6g}, matrix (Muon) "
+        f"{d.matrix_lr:.6g}" + (f"; optimizer {c.optimizer}" if c.get("optimizer", "2025") != "2025" else ""),
+        f"schedule                warmup {_warmup_text(c)}, warmdown {c.warmdown_ratio}, final lr frac "
+        f"{c.final_lr_frac}; Muon momentum {c.muon_momentum_start} -> {c.muon_momentum_end} over "
+        f"{c.muon_momentum_warmup} steps" + (f", -> {c.muon_momentum_final} over the warmdown"
+                                             if c.get("muon_momentum_final", 0.0) else "")
+        + (f"; Muon weight decay {d.muon_weight_decay:.4g} (cautious, cosine to 0)" if d.muon_weight_decay else ""),
         f"gradient clipping       {_grad_clip_text(c)}",
         f"packing                 {c.get('packing', 'stream')} ({PACKING_NOTES.get(c.get('packing', 'stream'), '?')})"
         + ("; repeats allowed" if c.get("allow_repeat", False) else ""),
@@ -662,6 +749,16 @@ def _batch_line(c: ConfigDict, d: Derived) -> str:
         return (f"{head}one micro-batch per step = {auto} x {d.model.sequence_len} x {d.n_devices} devices (horizon below "
                 f"for {d.device_batch_size} rows)")
     return f"{head}{d.total_batch_size:,} tokens/step = {auto} x {d.model.sequence_len} x {d.n_devices} devices x accumulation"
+
+
+def _tokens_per_param(c: ConfigDict, d: Derived) -> str:
+    if c.get("horizon_params", "all") == "scaling":
+        return f"{d.total_tokens / d.scaling_params:.1f} tokens per scaling param"
+    return f"{d.total_tokens / d.num_params:.1f} tokens/param"
+
+
+def _warmup_text(c: ConfigDict) -> str:
+    return f"{c.warmup_steps} steps" if c.get("warmup_steps", 0) else str(c.warmup_ratio)
 
 
 def _grad_clip_text(c: ConfigDict) -> str:

@@ -18,11 +18,13 @@ storages (`data/<key>`). A restricted unpickler turns those into numpy arrays (b
 refuses any other object, so nothing in the file is ever executed. Likewise nanochat's `tokenizer.pkl` (a pickled
 tiktoken Encoding) is read for its state (split pattern, mergeable ranks, special tokens) without tiktoken.
 
-Only the October 2025 architecture (nanochat-reference.md §1.2) is converted; later nanochat models add
-value embeddings, per-layer residual scalars, smear, backout and sliding windows (§1.3), which jaxchat's model
-does not compute. Such checkpoints are refused with the key that gives them away, rather than converted into a
-model that would silently compute something else. Vocabulary padding (rows past `vocab_size`) is dropped: those
-rows are never predicted.
+Both architectures convert: the October 2025 model (nanochat-reference.md §1.2) and the 2026 one (§1.3: value
+embeddings, per-layer scalars, smear, backout, sliding windows), whose options `model_options` reads off the state's
+keys and the model_config; the 2026 model's constants (q/k x1.2, RoPE base 100,000, vocabulary padded to 64, rotary
+tables in the compute dtype) are those of nanochat 92d63d4, the commit tests/fixtures/parity_2026.npz comes from. A key
+neither model has is refused by name rather than converted into a model that would silently compute something else.
+October's vocabulary padding (rows past `vocab_size`) is dropped, as those rows are never predicted; the 2026 model
+keeps its padded rows (its config pads them too).
 """
 from __future__ import annotations
 
@@ -43,14 +45,11 @@ from jaxchat import sharding
 STAGE_DIRS = {"base_checkpoints": "base", "mid_checkpoints": "mid", "chatsft_checkpoints": "sft",
               "chatrl_checkpoints": "rl"}
 STAGES = ("base", "mid", "sft", "rl")
-# Keys (by pattern) of later nanochat models, and the feature each one means.
-HEAD_FEATURES = (
-    (r"value_embeds\.", "value embeddings (ResFormer-style, alternating layers)"),
-    (r"\.ve_gate\.", "value-embedding gates"),
-    (r"^resid_lambdas$|^x0_lambdas$", "per-layer residual and x0 scalars"),
-    (r"^smear_", "smear (previous-token mixing)"),
-    (r"^backout_lambda$", "backout"),
-)
+# The 2026 model's options, by a key that only a model with the option has.
+OPTION_KEYS = {"value_embeds": r"^value_embeds\.", "smear": r"^smear_gate\.weight$", "backout": r"^backout_lambda$",
+               "layer_scalars": r"^resid_lambdas$"}
+# The constants of the 2026 model (nanochat 92d63d4), which no key or model_config field records.
+HEAD_CONSTANTS = {"qk_scale": 1.2, "rope_base": 100000.0, "vocab_multiple": 64, "rope_bf16": False, "init": "2026"}
 
 
 class ConversionError(ValueError):
@@ -185,51 +184,64 @@ def torch_name(path) -> tuple[str, bool]:
         return "lm_head.weight", True  # torch Linear stores (out, in); our kernels are (in, out)
     if names[0] == "blocks" and names[-1] == "kernel":
         return f"transformer.h.{'.'.join(names[1:-1])}.weight", True
+    if names[0] == "value_embeds":  # 2026: embedding tables, (vocab, kv dims) on both sides
+        return f"value_embeds.{names[1]}.weight", False
+    if names == ("smear_gate", "kernel"):
+        return "smear_gate.weight", True
+    if len(names) == 1 and names[0] in ("resid_lambdas", "x0_lambdas", "smear_lambda", "backout_lambda"):
+        return names[0], False
     raise ConversionError(f"no nanochat counterpart for jaxchat parameter {'.'.join(names)}")
 
 
-def expected_keys(model_config: dict) -> set[str]:
-    """Every state_dict key the model `model_config` describes has: one per jaxchat parameter."""
+def model_options(state: dict, model_config: dict) -> dict:
+    """The 2026 options (model.GPTConfig fields) a checkpoint's keys and model_config imply; {} for October's model."""
+    options = {name: True for name, pattern in OPTION_KEYS.items() if any(re.search(pattern, k) for k in state)}
+    windows = str(model_config.get("window_pattern") or "L")
+    if windows.upper() != "L":
+        options["window_pattern"] = windows
+    if options or "window_pattern" in model_config:  # a 2026-era model (its GPTConfig has window_pattern)
+        options.update(HEAD_CONSTANTS)
+    return options
+
+
+def expected_keys(model_config: dict, options: dict | None = None) -> set[str]:
+    """Every state_dict key the model `model_config` (with the 2026 `options`) has: one per jaxchat parameter."""
     import jax
 
     from jaxchat import model
 
-    _, abstract = model.abstract_params(gpt_config(model_config))
+    _, abstract = model.abstract_params(gpt_config(model_config, options))
     return {torch_name(path)[0] for path, _ in jax.tree_util.tree_leaves_with_path(abstract)}
 
 
 def check_architecture(state: dict, model_config: dict, source: str = "checkpoint") -> None:
-    """Raise ConversionError unless `state` is exactly the October 2025 model that `model_config` describes."""
+    """Raise ConversionError unless `state` is exactly the model that `model_config` and its keys describe."""
     for field in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
         if field not in model_config:
             raise ConversionError(f"{source}: model_config has no {field!r}; is this a nanochat meta_*.json?")
     windows = str(model_config.get("window_pattern") or "L")
-    if set(windows.upper()) != {"L"}:
-        raise ConversionError(f"{source}: model_config window_pattern={windows!r} means sliding-window attention, "
-                              "a later nanochat feature jaxchat's model does not have; converting it would silently "
-                              "change what every short-window layer attends to")
-    expected = expected_keys(model_config)
+    if not set(windows.upper()) <= {"S", "L"}:
+        raise ConversionError(f"{source}: window_pattern={windows!r} has letters other than S and L")
+    expected = expected_keys(model_config, model_options(state, model_config))
     extra = sorted(set(state) - expected)
     if extra:
-        key = extra[0]
-        feature = next((f for pattern, f in HEAD_FEATURES if re.search(pattern, key)), "an unknown parameter")
         listing = ", ".join(extra[:6]) + (f", ... ({len(extra)} in all)" if len(extra) > 6 else "")
         raise ConversionError(
-            f"{source}: key {key!r} belongs to {feature}, a nanochat architecture feature jaxchat's model does not "
-            "have (it implements the October 2025 model, nanochat-reference.md §1.2); converting without it would "
-            f"silently compute something else. Unsupported keys: {listing}")
+            f"{source}: key {extra[0]!r} is a parameter neither the October 2025 nor the 2026 nanochat model "
+            "jaxchat implements has; converting without it would silently compute something else. Unsupported "
+            f"keys: {listing}")
     missing = sorted(expected - set(state))
     if missing:
         raise ConversionError(f"{source}: key {missing[0]!r} is missing ({len(missing)} expected keys absent); not a "
                               f"complete nanochat GPT with {model_config['n_layer']} layers")
 
 
-def gpt_config(model_config: dict):
+def gpt_config(model_config: dict, options: dict | None = None):
     from jaxchat.model import GPTConfig
 
     return GPTConfig(vocab_size=model_config["vocab_size"], n_layer=model_config["n_layer"],
                      n_head=model_config["n_head"], n_kv_head=model_config["n_kv_head"],
-                     n_embd=model_config["n_embd"], sequence_len=model_config["sequence_len"])
+                     n_embd=model_config["n_embd"], sequence_len=model_config["sequence_len"], **(options or {}))
 
 
 def convert_params(state: dict, model_config: dict, source: str = "checkpoint") -> dict:
@@ -240,16 +252,17 @@ def convert_params(state: dict, model_config: dict, source: str = "checkpoint") 
 
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # saved from a torch.compile'd model
     check_architecture(state, model_config, source)
-    vocab = model_config["vocab_size"]
-    _, abstract = model.abstract_params(gpt_config(model_config))
+    cfg = gpt_config(model_config, model_options(state, model_config))
+    vocab = cfg.padded_vocab
+    _, abstract = model.abstract_params(cfg)
 
     def one(path, target):
         key, transpose = torch_name(path)
         weight = np.asarray(state[key], np.float32)
-        if key in ("transformer.wte.weight", "lm_head.weight"):
+        if key in ("transformer.wte.weight", "lm_head.weight") or key.startswith("value_embeds."):
             if weight.shape[0] < vocab:
-                raise ConversionError(f"{source}: {key} has {weight.shape[0]} rows, fewer than vocab_size={vocab}")
-            weight = weight[:vocab]  # padded rows (vocab rounded up to a multiple of 64) are never predicted
+                raise ConversionError(f"{source}: {key} has {weight.shape[0]} rows, fewer than the model's {vocab}")
+            weight = weight[:vocab]  # October's padded rows (vocab rounded up to a multiple of 64) are never predicted
         weight = weight.T if transpose else weight
         if weight.shape != target.shape:
             raise ConversionError(f"{source}: {key} has shape {state[key].shape}, which does not fit jaxchat's "
@@ -259,7 +272,7 @@ def convert_params(state: dict, model_config: dict, source: str = "checkpoint") 
     return jax.tree_util.tree_map_with_path(one, abstract)
 
 
-def jaxchat_config(model_config: dict, run: str):
+def jaxchat_config(model_config: dict, run: str, options: dict | None = None):
     """A full jaxchat config (the d20 recipe's training fields) whose model is exactly this one."""
     from jaxchat.config import default_config
 
@@ -273,17 +286,19 @@ def jaxchat_config(model_config: dict, run: str):
     c.head_dim = model_config["n_embd"] // model_config["n_head"]
     c.vocab_size = model_config["vocab_size"]
     c.sequence_len = model_config["sequence_len"]
+    for key, value in (options or {}).items():
+        c[key] = value
     return c
 
 
 _CONFIG_FIELDS = ("run", "tokenizer", "depth", "model_dim", "n_head", "n_kv_head", "head_dim", "vocab_size",
-                  "sequence_len")
+                  "sequence_len", "rope_base", *HEAD_CONSTANTS, *OPTION_KEYS, "window_pattern")
 
 
 def config_source(config, origin: str) -> str:
     lines = [f'"""Written by `python -m jaxchat.convert` for a model imported from {origin}."""',
              "from jaxchat.config import default_config", "", "", "def get_config():", "    c = default_config()"]
-    lines += [f"    c.{k} = {config[k]!r}" for k in _CONFIG_FIELDS]
+    lines += [f"    c.{k} = {config[k]!r}" for k in dict.fromkeys(_CONFIG_FIELDS)]
     return "\n".join(lines + ["    return c", ""])
 
 
@@ -433,7 +448,7 @@ def convert(source, *, step=None, run=None, stage=None, tokenizer="auto", log=pr
     if not isinstance(state, dict):
         raise ConversionError(f"{model_path} holds a {type(state).__name__}, not a state_dict")
     params = convert_params(state, model_config, str(model_path))
-    config = jaxchat_config(model_config, run)
+    config = jaxchat_config(model_config, run, model_options(state, model_config))
     out = {"run": run, "stage": stage, "step": step}
     ckpt_dir = paths.run_dir(run, stage) / "checkpoints"
     existing = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []

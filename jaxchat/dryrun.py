@@ -39,12 +39,14 @@ DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16"
 class TrainProgram:
     """The real train step for a config on the given devices, compiled ahead of time from abstract shapes."""
 
-    def __init__(self, cfg, attention: str, devices=None):
+    def __init__(self, cfg, attention: str, devices=None, fp8: bool | None = None):
         devices = list(devices or jax.devices())
         self.cfg, self.attention = cfg, attention
         self.d = C.derive(cfg, len(devices))
         self.mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, devices=devices)
         self.gcfg = C.model_config(cfg, attention=attention)
+        if fp8 is not None:
+            self.gcfg = dataclasses.replace(self.gcfg, fp8=fp8)
         graphdef, abstract = model.abstract_params(self.gcfg)
         self.tx = optim.make_optimizer(cfg, self.d)
         abstract_state = jax.eval_shape(self.tx.init, abstract)
@@ -177,7 +179,7 @@ def engine_programs(cfg, rows: int = SERVER_BATCH) -> dict:
     """Compile the prefill of one full-context prompt sampled into `rows` rows, its copy into a whole-context cache of
     `rows` rows, and one decode step over that cache, from abstract shapes; their per-device memory (each program's
     own: the prefill's does not count the generation cache, which it leaves alone)."""
-    gcfg = C.model_config(cfg)
+    gcfg = dataclasses.replace(C.model_config(cfg), fp8=False)  # the engine never computes in fp8
     dtype = jax.numpy.dtype(gcfg.compute_dtype)  # the engine casts its params to the compute dtype once
     _, abstract = model.abstract_params(gcfg)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), abstract)
@@ -230,7 +232,13 @@ def dry_run(cfg, n_devices: int, with_engine: bool = True, log=print) -> Report:
     device_memory_gib = cfg.get("device_memory_gib", 80.0)
     if cfg.get("device_batch_size") == C.AUTO:
         cfg = C.with_device_batch(cfg, auto_device_batch(cfg, devices, attention, log=log))
-    prog = TrainProgram(cfg, attention, devices)
+    # fp8 GEMMs exist on GPUs only: a CPU compiles fp8 matmuls as upcasts (wider temporaries than the GPU's cuBLASLt
+    # FP8 GEMMs keep), so the emulated step is compiled in bf16, an upper bound (fp8 saves 1 byte per matmul input
+    # for the backward where bf16 saves 2).
+    fp8 = None if devices[0].platform == "gpu" else False
+    if cfg.get("fp8", False) and fp8 is False:
+        log("fp8: compiled in bf16 here (no FP8 GEMMs on a CPU); the fp8 step needs no more memory than this one")
+    prog = TrainProgram(cfg, attention, devices, fp8=fp8)
     mem = prog.memory()
     return Report(
         config=cfg.run, devices=n_devices, mesh=tuple(prog.mesh.shape.values()),

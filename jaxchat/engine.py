@@ -112,7 +112,7 @@ def prefill(cfg: GPTConfig, max_top_k: int, params, tokens_PxT, lengths_P, s: Sa
     n = s.seed.shape[0] // P
     logits_PxV, fresh = model.forward_cached(model.graphdef(cfg), params, tokens_PxT, KVCache.zeros(cfg, P, T),
                                              last_B=lengths_P - 1)
-    fresh = KVCache(fresh.k, fresh.v, lengths_P)
+    fresh = KVCache(fresh.k, fresh.v, lengths_P, tokens_PxT[jnp.arange(P), lengths_P - 1])  # right-padded rows
     return sample_tokens(jnp.repeat(logits_PxV, n, axis=0), jnp.zeros((P * n,), jnp.int32), s, max_top_k), fresh
 
 
@@ -126,8 +126,9 @@ def insert(cache: KVCache, fresh: KVCache, row0, n: int = 1):
     def copy(big, small):
         return jax.lax.dynamic_update_slice(big, jnp.repeat(small, n, axis=0), at)
 
-    lengths = jax.lax.dynamic_update_slice(cache.lengths_B, jnp.repeat(fresh.lengths_B, n), (row0,))
-    return KVCache(tuple(map(copy, cache.k, fresh.k)), tuple(map(copy, cache.v, fresh.v)), lengths)
+    rows = lambda big, small: jax.lax.dynamic_update_slice(big, jnp.repeat(small, n), (row0,))  # noqa: E731
+    return KVCache(tuple(map(copy, cache.k, fresh.k)), tuple(map(copy, cache.v, fresh.v)),
+                   rows(cache.lengths_B, fresh.lengths_B), rows(cache.last_tokens_B, fresh.last_tokens_B))
 
 
 @functools.partial(jax.jit, static_argnames=("max_len",))
@@ -142,7 +143,7 @@ def resize(cache: KVCache, max_len: int) -> KVCache:
     def fit(x):
         return jnp.pad(x, ((0, 0), (0, 0), (0, max_len - S), (0, 0))) if max_len > S else x[:, :, :max_len]
 
-    return KVCache(tuple(map(fit, cache.k)), tuple(map(fit, cache.v)), cache.lengths_B)
+    return KVCache(tuple(map(fit, cache.k)), tuple(map(fit, cache.v)), cache.lengths_B, cache.last_tokens_B)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_top_k"), donate_argnames=("cache",))
@@ -160,14 +161,15 @@ def move_row(cache: KVCache, src, dst):
     """Row `src` copied over row `dst` (a server keeps its live rows packed at the front)."""
     TRACES["move_row"] += 1
     move = lambda x: x.at[dst].set(x[src])  # noqa: E731
-    return KVCache(tuple(map(move, cache.k)), tuple(map(move, cache.v)), move(cache.lengths_B))
+    return KVCache(tuple(map(move, cache.k)), tuple(map(move, cache.v)), move(cache.lengths_B),
+                   move(cache.last_tokens_B))
 
 
 @functools.lru_cache(maxsize=32)
 def _zeros(cfg: GPTConfig, batch: int, max_len: int, kv_sharding, rows_sharding):
     """A program making an empty cache where it will live (no host copy, no device-to-device move)."""
     out = None if kv_sharding is None else KVCache((kv_sharding,) * cfg.n_layer, (kv_sharding,) * cfg.n_layer,
-                                                   rows_sharding)
+                                                   rows_sharding, rows_sharding)
     return jax.jit(lambda: KVCache.zeros(cfg, batch, max_len), out_shardings=out)
 
 
@@ -212,8 +214,9 @@ class Calculator:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.stop_ids = {tokenizer.special_id(name) for name in STOP_TOKENS}
+        names = ("python_start", "python_end", "output_start", "output_end")
         self.python_start, self.python_end, self.output_start, self.output_end = (
-            tokenizer.special_id(f"<|{name}|>") for name in ("python_start", "python_end", "output_start", "output_end"))
+            tokenizer.special_id(f"<|{name}|>") for name in names)
 
     def advance(self, row: RowState, sampled: int) -> tuple[int, int]:
         """Choose row's token (forced tool output first), update its tool and stop state; return (token, mask)."""
@@ -269,6 +272,7 @@ class Engine:
     def __init__(self, cfg: GPTConfig, params, tokenizer, *, mesh=None, max_top_k: int = DEFAULT_MAX_TOP_K,
                  min_prompt_bucket: int = MIN_PROMPT_BUCKET, min_cache_bucket: int = MIN_CACHE_BUCKET):
         dtype = jnp.dtype(cfg.compute_dtype)
+        cfg = dataclasses.replace(cfg, fp8=False)  # fp8 is for training; inference and evaluation stay in bf16
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
         self.params = params if mesh is None else jax.device_put(params, sharding.replicated(mesh))
@@ -335,7 +339,8 @@ class Engine:
                 raise ValueError(f"prompt {i} is empty; start it with the <|bos|> token ({self.tokenizer.bos_id})")
             bad = [t for t in p if not 0 <= t < self.cfg.vocab_size]
             if bad:
-                raise ValueError(f"prompt {i} has token id {bad[0]} outside the model's vocabulary [0, {self.cfg.vocab_size})")
+                raise ValueError(f"prompt {i} has token id {bad[0]} outside the model's vocabulary "
+                                 f"[0, {self.cfg.vocab_size})")
             out.append(p)
         return out
 

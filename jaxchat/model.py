@@ -13,6 +13,11 @@ Notable features (all as the reference):
 - fp32 master weights, bf16 compute (each forward casts the weight matrices once, still sharded, so FSDP gathers
   bf16: `compute_params`), fp32 loss
 
+The 2026 recipe's options (nanochat's time-to-GPT-2 model), each a `GPTConfig` field that is off by default: sliding
+windows per layer (`window_pattern`), gated value embeddings on alternating layers, smear (the previous token's
+embedding mixed in; decode recomputes it from the cache's last token), backout, per-layer resid/x0 scalars, q/k scaled
+after QK-norm, the vocabulary padded to a multiple, and the 2026 initialisation (`initialisers`).
+
 Kernels are stored (in, out) as in `x @ W`; the optimizer's shape rules know this (see muon.py).
 The training path is functional: `nnx.split` once, then `forward(graphdef, params, ...)` merges inside the jitted loss.
 One block loop (`GPT.hidden`) serves training, prefill and decode: given a `KVCache` (per layer (B, H_kv, S, D), the
@@ -45,6 +50,13 @@ PARAM_AXES = {
     ("blocks", "*", "mlp", "c_fc", "kernel"): ("embed", "mlp"),
     ("blocks", "*", "mlp", "c_proj", "kernel"): ("mlp", "embed"),
     ("lm_head", "kernel"): ("embed", "vocab"),
+    ("value_embeds", "*"): ("vocab", "embed"),  # split like wte (FSDP on its width): 604M parameters at d24
+    ("blocks", "*", "attn", "ve_gate", "kernel"): (None, "kv_heads"),
+    ("smear_gate", "kernel"): (None, None),
+    ("smear_lambda",): (None,),
+    ("backout_lambda",): (None,),
+    ("resid_lambdas",): (None,),
+    ("x0_lambdas",): (None,),
 }
 
 
@@ -70,10 +82,34 @@ class GPTConfig:
     attention: str = "xla"  # one of ATTENTION_IMPLS
     remat: str = "none"  # one of REMAT_POLICIES: what each block keeps for the backward pass
     loss_chunk: int = 0  # positions of every row per step of the chunked cross-entropy; 0: whole rows at once
+    # The 2026 recipe's model (nanochat's time-to-GPT-2 record); each default is October 2025's.
+    window_pattern: str = "L"  # tiled over the layers, the last one long: "L" the whole context, "S" a quarter of it
+    value_embeds: bool = False  # ResFormer value embeddings, gated, on alternating layers ending with the last
+    smear: bool = False  # each token's embedding mixes in the previous token's, through a gate
+    backout: bool = False  # a learned share of the middle layer's residual is taken out before the head
+    layer_scalars: bool = False  # before block i: x = resid_lambdas[i]·x + x0_lambdas[i]·x0 (x0: the embedding)
+    qk_scale: float = 1.0  # q and k are multiplied by it after QK-norm
+    vocab_multiple: int = 1  # the embedding and head rows are padded to a multiple of it; logits are cut back
+    init: str = "2025"  # or "2026": the record's initialisation
+    rope_bf16: bool = True  # the rotary tables rounded to bf16 whatever the compute dtype (October; 2026: not)
+    fp8: bool = False  # training matmuls of the block matrices and the head in fp8 (`fp8_matmul`); GPUs only gain
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    def window(self, layer: int) -> int:
+        """Keys before its own a query at this layer sees; 0: all of them. "S" is ceil(T/4/128)·128 (T =
+        sequence_len), 512 at 2,048; the last layer is always long."""
+        kind = "L" if layer == self.n_layer - 1 else self.window_pattern.upper()[layer % len(self.window_pattern)]
+        return 0 if kind == "L" else math.ceil(self.sequence_len / 4 / 128) * 128
+
+    def has_value_embed(self, layer: int) -> bool:
+        return self.value_embeds and layer % 2 == (self.n_layer - 1) % 2
 
 
 def rms_norm(x):
@@ -83,12 +119,13 @@ def rms_norm(x):
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-def rotary_tables(positions_BxT, head_dim: int, base: float, dtype):
-    """cos/sin of shape (B, T, 1, head_dim/2); stored in bf16 like the reference even when computing in fp32."""
+def rotary_tables(positions_BxT, head_dim: int, base: float, dtype, table_dtype=jnp.bfloat16):
+    """cos/sin of shape (B, T, 1, head_dim/2), rounded to `table_dtype` (October's reference keeps them in bf16 even
+    when computing in fp32; its 2026 version keeps them in the compute dtype)."""
     inv_freq = 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
-    cos = jnp.cos(angles_BxTxF).astype(jnp.bfloat16).astype(dtype)
-    sin = jnp.sin(angles_BxTxF).astype(jnp.bfloat16).astype(dtype)
+    cos = jnp.cos(angles_BxTxF).astype(table_dtype).astype(dtype)
+    sin = jnp.sin(angles_BxTxF).astype(table_dtype).astype(dtype)
     return cos[:, :, None, :], sin[:, :, None, :]
 
 
@@ -104,7 +141,7 @@ def relu2(x):
 
 
 def softcapped_logits(cfg, x, lm_head):
-    logits = lm_head(rms_norm(x)).astype(jnp.float32)
+    logits = lm_head(rms_norm(x))[..., :cfg.vocab_size].astype(jnp.float32)  # padded rows are never predicted
     return cfg.softcap * jnp.tanh(logits / cfg.softcap)
 
 
@@ -115,56 +152,149 @@ def embed(cfg, wte, idx_BxT):
     return rms_norm(wte[idx_BxT].astype(jnp.dtype(cfg.compute_dtype)))
 
 
-def matmul(x_NxI, w_IxO):
-    """`x @ w` over x's leading axes flattened to one. The same numbers; but the autodiff weight gradient of a 3-D
-    `x @ w` contracts two axes at once, and XLA's CPU backend then copies each activation gradient into a transposed
-    layout first (25 copies, ~170 MB per tiny step): flattened, the tiny step runs 20% faster on one core
-    (bench/profile_step.py). GPU backends flatten these matmuls anyway."""
-    return (x_NxI.reshape(-1, x_NxI.shape[-1]) @ w_IxO).reshape(*x_NxI.shape[:-1], w_IxO.shape[-1])
+def matmul(x_NxI, w_IxO, fp8: bool = False):
+    """`x @ w` over x's leading axes flattened to one (in fp8 when asked). The same numbers; but the autodiff weight
+    gradient of a 3-D `x @ w` contracts two axes at once, and XLA's CPU backend then copies each activation gradient
+    into a transposed layout first (25 copies, ~170 MB per tiny step): flattened, the tiny step runs 20% faster on one
+    core (bench/profile_step.py). GPU backends flatten these matmuls anyway."""
+    x_2d = x_NxI.reshape(-1, x_NxI.shape[-1])
+    y = fp8_matmul(x_2d, w_IxO) if fp8 else x_2d @ w_IxO
+    return y.reshape(*x_NxI.shape[:-1], w_IxO.shape[-1])
+
+
+# fp8 (the 2026 record's --fp8, as torchao's tensorwise Float8Linear): each operand scaled so its largest magnitude
+# lands on its format's largest, e4m3 for activations and weights, e5m2 for gradients; the product is computed as
+# dot(dequantised, dequantised), the pattern XLA's GPU GEMM rewriter turns into one cuBLASLt FP8 GEMM on Hopper and
+# later (elsewhere it is computed in the activation dtype, with fp8's rounding: the same numbers, no speed).
+FP8_MAX = {jnp.dtype(jnp.float8_e4m3fn): 448.0, jnp.dtype(jnp.float8_e5m2): 57344.0}
+
+
+def fp8_supported(device) -> tuple[bool, str]:
+    """(whether `device` has FP8 GEMMs, why): NVIDIA GPUs of compute capability 8.9 and later."""
+    if device.platform != "gpu":
+        return False, f"no FP8 GEMMs on {device.platform}"
+    capability = str(getattr(device, "compute_capability", "0"))
+    if tuple(int(p) for p in capability.split(".")[:2]) < (8, 9):
+        return False, f"{device.device_kind} (compute capability {capability}) has no FP8 GEMMs; 8.9 and later do"
+    return True, f"{device.device_kind} (compute capability {capability})"
+
+
+def fp8_eligible(d_in: int, d_out: int) -> bool:
+    """The layers the record computes in fp8: both sides multiples of 16, the smaller at least 128 (not the gates)."""
+    return d_in % 16 == 0 and d_out % 16 == 0 and min(d_in, d_out) >= 128
+
+
+def _to_fp8(x, dtype):
+    scale = FP8_MAX[jnp.dtype(dtype)] / jnp.maximum(jnp.max(jnp.abs(x)).astype(jnp.float32), 1e-12)
+    return (x.astype(jnp.float32) * scale).astype(dtype), scale
+
+
+def _fp8_dot(a8, a_scale, b8, b_scale, out_dtype):
+    deq = lambda x8, s: x8.astype(out_dtype) * (1.0 / s).astype(out_dtype)  # noqa: E731
+    return jnp.dot(deq(a8, a_scale), deq(b8, b_scale), preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+@jax.custom_vjp
+def fp8_matmul(x_NxI, w_IxO):
+    """`x @ w` (2-D) with both operands in e4m3; its backward takes the gradient in e5m2 against the saved fp8
+    operands (one byte per activation kept for the backward, not two)."""
+    return _fp8_matmul_fwd(x_NxI, w_IxO)[0]
+
+
+def _fp8_matmul_fwd(x, w):
+    x8, sx = _to_fp8(x, jnp.float8_e4m3fn)
+    w8, sw = _to_fp8(w, jnp.float8_e4m3fn)
+    return _fp8_dot(x8, sx, w8, sw, x.dtype), (x8, sx, w8, sw, jnp.zeros((), w.dtype))
+
+
+def _fp8_matmul_bwd(res, g):
+    x8, sx, w8, sw, w_like = res
+    g8, sg = _to_fp8(g, jnp.float8_e5m2)
+    return _fp8_dot(g8, sg, w8.T, sw, g.dtype), _fp8_dot(x8.T, sx, g8, sg, w_like.dtype)
+
+
+fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
+
+
+VE_GATE_CHANNELS = 12  # the value-embedding gate reads this many channels of the block's normed input
+SMEAR_GATE_CHANNELS = 24  # the smear gate reads this many channels of each token's embedding
+
+
+def fan_in_normal(key, shape):
+    # arXiv 2310.17813 (October's init): scale by fan-in, and shrink further for layers that narrow the width.
+    d_in, d_out = shape
+    return 1.0 / math.sqrt(d_in) * min(1.0, math.sqrt(d_out / d_in)) * jax.random.normal(key, shape, jnp.float32)
+
+
+def uniform(lo: float, hi: float):
+    return lambda key, shape: jax.random.uniform(key, shape, jnp.float32, lo, hi)
+
+
+def normal(std: float):
+    return lambda key, shape: std * jax.random.normal(key, shape, jnp.float32)
+
+
+def initialisers(cfg: GPTConfig) -> dict:
+    """The weights' initialisers by role; None: zeros (which draws no key, so October's draws stay in order). 2026:
+    U(±s) with s = sqrt(3/d) (std 1/sqrt(d)) for q, k, v and the value embeddings, 0.4·s for the MLP's c_fc, the
+    embedding N(0, 0.8²), the head N(0, 0.001²); the output projections zero in both."""
+    s = math.sqrt(3 / cfg.n_embd)
+    added = {"ve": uniform(-s, s), "gate": uniform(0.0, 0.02)}  # the 2026 weights October does not have
+    if cfg.init == "2026":
+        return {"qkv": uniform(-s, s), "fc": uniform(-0.4 * s, 0.4 * s), "wte": normal(0.8), "head": normal(0.001),
+                **added}
+    if cfg.init != "2025":
+        raise ValueError(f"init must be 2025 or 2026, got {cfg.init!r}")
+    # The untrained October model is the embedding alone (zero projections) with a uniform first prediction (zero head).
+    return {"qkv": fan_in_normal, "fc": fan_in_normal, "wte": normal(1.0), "head": None, **added}
 
 
 class Linear(nnx.Module):
     """A bias-free linear layer with an fp32 (in, out) kernel, cast to the activation dtype at use."""
 
-    def __init__(self, d_in: int, d_out: int, *, zero_init: bool = False, rngs: nnx.Rngs):
-        if zero_init:
-            kernel = jnp.zeros((d_in, d_out), jnp.float32)
-        else:
-            # arXiv 2310.17813: scale by fan-in, and shrink further for layers that narrow the width.
-            std = 1.0 / math.sqrt(d_in) * min(1.0, math.sqrt(d_out / d_in))
-            kernel = std * jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32)
-        self.kernel = nnx.Param(kernel)
+    def __init__(self, d_in: int, d_out: int, init=None, *, fp8: bool = False, rngs: nnx.Rngs):
+        shape = (d_in, d_out)
+        self.kernel = nnx.Param(jnp.zeros(shape, jnp.float32) if init is None else init(rngs.params(), shape))
+        self.fp8 = fp8 and fp8_eligible(d_in, d_out)
 
     def __call__(self, x):
-        return matmul(x, self.kernel[...].astype(x.dtype))
+        return matmul(x, self.kernel[...].astype(x.dtype), self.fp8)
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
-        d, hd = cfg.n_embd, cfg.head_dim
-        self.cfg = cfg
-        self.c_q = Linear(d, cfg.n_head * hd, rngs=rngs)
-        self.c_k = Linear(d, cfg.n_kv_head * hd, rngs=rngs)
-        self.c_v = Linear(d, cfg.n_kv_head * hd, rngs=rngs)
-        # Zero-init so each residual branch starts as a no-op: the untrained model is the embedding alone.
-        self.c_proj = Linear(cfg.n_head * hd, d, zero_init=True, rngs=rngs)
+    def __init__(self, cfg: GPTConfig, layer: int, *, rngs: nnx.Rngs):
+        d, hd, init = cfg.n_embd, cfg.head_dim, initialisers(cfg)
+        self.cfg, self.window = cfg, cfg.window(layer)
+        self.c_q = Linear(d, cfg.n_head * hd, init["qkv"], fp8=cfg.fp8, rngs=rngs)
+        self.c_k = Linear(d, cfg.n_kv_head * hd, init["qkv"], fp8=cfg.fp8, rngs=rngs)
+        self.c_v = Linear(d, cfg.n_kv_head * hd, init["qkv"], fp8=cfg.fp8, rngs=rngs)
+        # Zero-init so each residual branch starts as a no-op.
+        self.c_proj = Linear(cfg.n_head * hd, d, fp8=cfg.fp8, rngs=rngs)
+        if cfg.has_value_embed(layer):  # per kv head, from the first 12 channels of the block's normed input
+            self.ve_gate = Linear(VE_GATE_CHANNELS, cfg.n_kv_head, init["gate"], rngs=rngs)
 
-    def __call__(self, x_BxTxD, cos, sin, kv=None, positions_BxT=None):
+    def __call__(self, x_BxTxD, cos, sin, kv=None, positions_BxT=None, ve_BxTxE=None):
         """(output, kv). Without a cache (`kv` None): causal attention over the T tokens. With a layer's cache (k, v),
         each (B', H_kv, S, D) with B' >= B: the tokens' K/V are written at `positions_BxT` of rows 0..B-1, and each
-        query attends over its row's cached positions up to its own."""
+        query attends over its row's cached positions up to its own. `ve_BxTxE`: the layer's value embeddings of
+        the tokens, added to v through the gate (0..3 per kv head)."""
         cfg = self.cfg
         B, T, _ = x_BxTxD.shape
         q = self.c_q(x_BxTxD).reshape(B, T, cfg.n_head, cfg.head_dim)
         k = self.c_k(x_BxTxD).reshape(B, T, cfg.n_kv_head, cfg.head_dim)
         v = self.c_v(x_BxTxD).reshape(B, T, cfg.n_kv_head, cfg.head_dim)
+        if ve_BxTxE is not None:
+            gate_BxTxK = 3.0 * jax.nn.sigmoid(self.ve_gate(x_BxTxD[..., :VE_GATE_CHANNELS]))
+            v = v + gate_BxTxK[..., None] * ve_BxTxE.reshape(B, T, cfg.n_kv_head, cfg.head_dim)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))  # rotary, then QK-norm
+        if cfg.qk_scale != 1.0:
+            q, k = q * cfg.qk_scale, k * cfg.qk_scale
         if kv is None:
             # GQA: K/V keep n_kv_head heads; the kernels group the queries over them without a copy.
-            y = causal_attention(q, k, v, _impl(cfg, q.dtype))
+            y = causal_attention(q, k, v, _impl(cfg, q.dtype), self.window)
         else:
             kv = tuple(write_kv(c, new, positions_BxT) for c, new in zip(kv, (k, v)))
-            y = cached_attention(q, kv[0][:B], kv[1][:B], positions_BxT)
+            y = cached_attention(q, kv[0][:B], kv[1][:B], positions_BxT, self.window)
         return self.c_proj(y.reshape(B, T, cfg.n_head * cfg.head_dim)), kv
 
 
@@ -180,12 +310,13 @@ class KVCache:
     k: tuple  # per layer (B, H_kv, S, D) in the compute dtype; GQA/MQA store only the kv heads
     v: tuple
     lengths_B: jax.Array  # int32: valid positions per row; row b's next token goes to position lengths_B[b]
+    last_tokens_B: jax.Array  # int32: each row's last token (smear mixes its embedding into the next one's)
 
     @classmethod
     def zeros(cls, cfg: GPTConfig, batch: int, max_len: int) -> KVCache:
         shape, dtype = (batch, cfg.n_kv_head, max_len, cfg.head_dim), jnp.dtype(cfg.compute_dtype)
         layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layer))  # noqa: E731
-        return cls(layers(), layers(), jnp.zeros((batch,), jnp.int32))
+        return cls(layers(), layers(), jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
 
     @property
     def max_len(self) -> int:
@@ -199,16 +330,18 @@ def write_kv(cache_BxKxSxD, new_bxTxKxD, positions_bxT):
     return cache_BxKxSxD.at[rows_bx1, :, positions_bxT].set(new_bxTxKxD.astype(cache_BxKxSxD.dtype), mode="drop")
 
 
-def cached_attention(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, positions_BxT):
-    """Each query attends over the cached keys at positions <= its own, which hides the padding of right-padded
-    prompts and anything past a row's length. Scores and softmax in fp32. (Explicit positions, never `is_causal`:
-    its mask is top-left aligned, wrong when the keys outnumber the queries.)"""
+def cached_attention(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, positions_BxT, window: int = 0):
+    """Each query attends over the cached keys at positions <= its own (and, with a window, no more than `window`
+    before it), which hides the padding of right-padded prompts and anything past a row's length. Scores and softmax
+    in fp32. (Explicit positions, never `is_causal`: its mask is top-left aligned, wrong when keys outnumber
+    queries.)"""
     B, T, H, D = q_BxTxHxD.shape
     K, S = k_BxKxSxD.shape[1], k_BxKxSxD.shape[2]
     q = q_BxTxHxD.reshape(B, T, K, H // K, D)
     f32 = dict(preferred_element_type=jnp.float32)
     s = jnp.einsum("btkgd,bksd->bkgts", q, k_BxKxSxD, **f32) / math.sqrt(D)
-    visible_BxTxS = jnp.arange(S)[None, None, :] <= positions_BxT[:, :, None]
+    key_pos, q_pos = jnp.arange(S)[None, None, :], positions_BxT[:, :, None]
+    visible_BxTxS = (key_pos <= q_pos) & ((key_pos >= q_pos - window) if window else True)
     p = jax.nn.softmax(jnp.where(visible_BxTxS[:, None, None], s, -jnp.inf), axis=-1)
     y = jnp.einsum("bkgts,bksd->btkgd", p.astype(v_BxKxSxD.dtype), v_BxKxSxD, **f32)
     return y.astype(q_BxTxHxD.dtype).reshape(B, T, H, D)
@@ -363,11 +496,11 @@ def resolve_attention(requested: str, platform: str) -> tuple[str, str]:
         return requested, f"attention={requested} from the config"
     if platform != "gpu":
         return "xla", f"no cuDNN on {platform}"
-    try:
-        errors = attention_errors("cudnn", B=1, T=256, H=4, H_kv=2, D=128)
+    try:  # plain causal and with a sliding window (the 2026 model's short layers)
+        errors = [attention_errors("cudnn", B=1, T=256, H=4, H_kv=2, D=128, window=w) for w in (0, 64)]
     except Exception as e:  # noqa: BLE001 -- any failure of the kernel means: do not use it
         return "chunked", f"cuDNN attention failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); using chunked"
-    worst = max(errors.values())
+    worst = max(max(e.values()) for e in errors)
     if worst > ATTENTION_TOLERANCE:
         return "chunked", f"cuDNN attention disagrees with XLA (max error {worst:.3g}); using chunked"
     return "cudnn", f"cuDNN attention checked against XLA (max error {worst:.3g})"
@@ -375,20 +508,20 @@ def resolve_attention(requested: str, platform: str) -> tuple[str, str]:
 
 class MLP(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
-        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, rngs=rngs)
-        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd, zero_init=True, rngs=rngs)
+        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, initialisers(cfg)["fc"], fp8=cfg.fp8, rngs=rngs)
+        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd, fp8=cfg.fp8, rngs=rngs)
 
     def __call__(self, x):
         return self.c_proj(relu2(self.c_fc(x)))
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
-        self.attn = Attention(cfg, rngs=rngs)
+    def __init__(self, cfg: GPTConfig, layer: int, *, rngs: nnx.Rngs):
+        self.attn = Attention(cfg, layer, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, kv=None, positions_BxT=None):
-        y, kv = self.attn(rms_norm(x), cos, sin, kv, positions_BxT)
+    def __call__(self, x, cos, sin, kv=None, positions_BxT=None, ve_BxTxE=None):
+        y, kv = self.attn(rms_norm(x), cos, sin, kv, positions_BxT, ve_BxTxE)
         x = x + y
         return x + self.mlp(rms_norm(x)), kv
 
@@ -396,10 +529,25 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.wte = nnx.Param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.n_embd), jnp.float32))
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
-        # Zero-init head: the first prediction is uniform, loss starts at exactly ln(vocab).
-        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, zero_init=True, rngs=rngs)
+        init, vocab = initialisers(cfg), cfg.padded_vocab
+        self.wte = nnx.Param(init["wte"](rngs.params(), (vocab, cfg.n_embd)))
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layer)])
+        # October's zero head: the first prediction is uniform, loss starts at exactly ln(vocab).
+        self.lm_head = Linear(cfg.n_embd, vocab, init["head"], fp8=cfg.fp8, rngs=rngs)
+        if cfg.value_embeds:
+            shape = (vocab, cfg.n_kv_head * cfg.head_dim)
+            self.value_embeds = nnx.Dict({str(i): nnx.Param(init["ve"](rngs.params(), shape))
+                                          for i in range(cfg.n_layer) if cfg.has_value_embed(i)})
+        if cfg.smear:
+            self.smear_gate = Linear(SMEAR_GATE_CHANNELS, 1, init["gate"], rngs=rngs)
+            self.smear_lambda = nnx.Param(jnp.zeros((1,), jnp.float32))
+        if cfg.backout:
+            self.backout_lambda = nnx.Param(jnp.full((1,), 0.2, jnp.float32))
+        if cfg.layer_scalars:  # 2026: a little more residual and x0 early, less late; else the identity
+            frac = jnp.arange(cfg.n_layer, dtype=jnp.float32) / max(cfg.n_layer - 1, 1)
+            year = cfg.init == "2026"
+            self.resid_lambdas = nnx.Param(1.15 - 0.10 * frac if year else jnp.ones((cfg.n_layer,), jnp.float32))
+            self.x0_lambdas = nnx.Param(0.20 - 0.15 * frac if year else jnp.zeros((cfg.n_layer,), jnp.float32))
 
     def __call__(self, idx_BxT, cache: KVCache | None = None, *, last_B=None):
         """(logits, cache): (B, T, V) fp32 logits, or (B, V) at each row's position `last_B` when given (the head is
@@ -420,19 +568,45 @@ class GPT(nnx.Module):
         positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if cache is not None:
             positions_BxT = cache.lengths_B[:B, None] + positions_BxT
-        cos, sin = rotary_tables(positions_BxT, cfg.head_dim, cfg.rope_base, dtype)
+        cos, sin = rotary_tables(positions_BxT, cfg.head_dim, cfg.rope_base, dtype,
+                                 jnp.bfloat16 if cfg.rope_bf16 else dtype)
         # Rows over every device: the gather would otherwise inherit the table's sharding (sharding.py says why).
         x = sharding.constrain(embed(cfg, self.wte[...], idx_BxT), ("batch", None, None))
+        if cfg.smear:
+            x = self.smear_in(x, positions_BxT, None if cache is None else cache.last_tokens_B[:B])
+        x0, x_backout, ks, vs = x, None, [], []
+        for i, block in enumerate(self.blocks):
+            if cfg.layer_scalars:
+                x = self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
+            ve = None
+            if cfg.has_value_embed(i):  # rows over the devices, as the embedding's (the table is split on its width)
+                ve = sharding.constrain(self.value_embeds[str(i)][...][idx_BxT].astype(dtype), ("batch", None, None))
+            if cache is None:
+                x = remat_block(cfg.remat, block, x, cos, sin, ve)
+            else:
+                x, (k, v) = block(x, cos, sin, (cache.k[i], cache.v[i]), positions_BxT, ve)
+                ks.append(k)
+                vs.append(v)
+            if cfg.backout and i == cfg.n_layer // 2:
+                x_backout = x
+        if cfg.backout:
+            x = x - self.backout_lambda[...].astype(x.dtype) * x_backout
         if cache is None:
-            for block in self.blocks:
-                x = remat_block(cfg.remat, block, x, cos, sin)
             return x, None
-        ks, vs = [], []
-        for block, kv in zip(self.blocks, zip(cache.k, cache.v)):
-            x, (k, v) = block(x, cos, sin, kv, positions_BxT)
-            ks.append(k)
-            vs.append(v)
-        return x, KVCache(tuple(ks), tuple(vs), cache.lengths_B.at[:B].add(T))
+        return x, KVCache(tuple(ks), tuple(vs), cache.lengths_B.at[:B].add(T),
+                          cache.last_tokens_B.at[:B].set(idx_BxT[:, -1]))
+
+    def smear_in(self, x_BxTxD, positions_BxT, last_tokens_B=None):
+        """Each token's embedding plus smear_lambda·sigmoid(gate(its first 24 channels))· the previous token's
+        embedding; a row's first token is left alone. With a cache the previous token of the first new one is the
+        row's last cached token (its embedding is recomputed from its id)."""
+        cfg = self.cfg
+        first = (jnp.zeros_like(x_BxTxD[:, :1]) if last_tokens_B is None
+                 else embed(cfg, self.wte[...], last_tokens_B[:, None]))
+        prev = jnp.concatenate([first, x_BxTxD[:, :-1]], axis=1)
+        gate = jax.nn.sigmoid(self.smear_gate(x_BxTxD[..., :SMEAR_GATE_CHANNELS]))
+        mix = self.smear_lambda[...].astype(x_BxTxD.dtype) * gate * prev
+        return x_BxTxD + jnp.where((positions_BxT > 0)[..., None], mix, 0)
 
 
 # Per-block rematerialisation: what a block keeps from its forward pass for the backward, the rest is recomputed.
@@ -446,20 +620,19 @@ REMAT_POLICIES = {
 }
 
 
-def remat_block(remat: str, block, x, cos, sin):
+def remat_block(remat: str, block, x, cos, sin, ve=None):
     if remat == "none":
-        return block(x, cos, sin)[0]
+        return block(x, cos, sin, ve_BxTxE=ve)[0]
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat {remat!r} is not one of {', '.join(REMAT_POLICIES)}")
     graphdef, state = nnx.split(block)
 
-    def run(state, x, cos, sin):
-        return nnx.merge(graphdef, state)(x, cos, sin)[0]
+    def run(state, x, cos, sin, ve):
+        return nnx.merge(graphdef, state)(x, cos, sin, ve_BxTxE=ve)[0]
 
-    return jax.checkpoint(run, policy=REMAT_POLICIES[remat])(state, x, cos, sin)
+    return jax.checkpoint(run, policy=REMAT_POLICIES[remat])(state, x, cos, sin, ve)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
 # ----------------------------------------------------------------------------------------------------------------------
 # The functional core used by the training step: pure functions of (params, batch).
 
@@ -492,7 +665,7 @@ def compute_params(cfg: GPTConfig, params):
     dtype = jnp.dtype(cfg.compute_dtype)
 
     def cast(path, p):
-        if sharding.path_names(path) == ("wte",) or p.dtype == dtype:
+        if sharding.path_names(path)[0] in ("wte", "value_embeds") or p.dtype == dtype:  # gathered, then cast
             return p
         return sharded_cast(p, dtype, param_axes(path))
 
@@ -564,8 +737,9 @@ def token_losses(logits_BxTxV, targets_BxT):
 def chunked_token_losses(cfg: GPTConfig, x_BxTxD, head_DxV, targets_BxT):
     """`token_losses(softcapped_logits(cfg, x, head), targets)`, `cfg.loss_chunk` positions at a time (0: at once)."""
     T = x_BxTxD.shape[1]
+    fp8 = cfg.fp8 and fp8_eligible(*head_DxV.shape)
     if not cfg.loss_chunk or cfg.loss_chunk >= T:
-        logits = softcapped_logits(cfg, x_BxTxD, lambda h: matmul(h, head_DxV.astype(h.dtype)))
+        logits = softcapped_logits(cfg, x_BxTxD, lambda h: matmul(h, head_DxV.astype(h.dtype), fp8))
         return token_losses(logits, targets_BxT)
     # The head enters in fp32, so the backward sums the chunks' (and the devices') head gradients in fp32, where a bf16
     # head's cotangent would be summed in bf16; casting it back to the compute dtype at use rounds nothing.
@@ -589,10 +763,12 @@ def _chunked_losses(cfg: GPTConfig, x_BxTxD, head_DxV, targets_BxT):
         x_BxTxD = jnp.pad(x_BxTxD, ((0, 0), (0, n * c - T), (0, 0)))
         targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, n * c - T)), constant_values=-1)
 
+    fp8 = cfg.fp8 and fp8_eligible(*head_DxV.shape)
+
     @jax.checkpoint
     def chunk(args):
         x_BxCxD, t_BxC = args
-        logits = softcapped_logits(cfg, x_BxCxD, lambda h: matmul(h, head_DxV.astype(h.dtype)))
+        logits = softcapped_logits(cfg, x_BxCxD, lambda h: matmul(h, head_DxV.astype(h.dtype), fp8))
         return token_losses(logits, t_BxC)[0]
 
     chunks = (x_BxTxD.reshape(B, n, c, D).swapaxes(0, 1), targets_BxT.reshape(B, n, c).swapaxes(0, 1))

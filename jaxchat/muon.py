@@ -68,6 +68,11 @@ class MuonState(NamedTuple):
     momentum_buffer: optax.Updates
 
 
+class NorMuonState(NamedTuple):
+    momentum_buffer: optax.Updates
+    second_moment: optax.Updates  # per matrix, one value per row or column of its smaller side (`normuon_axis`)
+
+
 def orthogonalize(g, coefficients=NS5, *, dtype=jnp.bfloat16, normalize_scale=1.0, eps=1e-7):
     """Approximate the semi-orthogonal polar factor U Vᵀ of a (..., m, n) matrix by Newton–Schulz iterations."""
     x = g.astype(dtype)
@@ -89,6 +94,49 @@ def shape_scale(shape) -> float:
     return max(1.0, d_out / d_in) ** 0.5
 
 
+# The 2026 additions (nanochat-reference.md §2.4), each an option of `muon`, all off for October. Rules on torch's
+# (out, in) layout, so in jaxchat's (in, out) kernels the output features are the columns (axis -1).
+
+
+def equilibrate(x):
+    """MuonEq: every output feature (a column here) rescaled to the same norm, ‖X‖_F / sqrt(out), before the
+    orthogonalisation."""
+    x32 = x.astype(jnp.float32)
+    target = jnp.linalg.norm(x32, axis=(-2, -1), keepdims=True) / jnp.sqrt(x.shape[-1])
+    cols = jnp.linalg.norm(x32, axis=-2, keepdims=True)
+    return (x32 * (target / jnp.maximum(cols, 1e-6))).astype(x.dtype)
+
+
+def renormalize(x):
+    """Muon+: the orthogonalised update rescaled to Frobenius norm sqrt(min(in, out))."""
+    return x * (jnp.sqrt(min(x.shape[-2:])) / jnp.maximum(jnp.linalg.norm(x, axis=(-2, -1), keepdims=True), 1e-6))
+
+
+def normuon_axis(shape) -> int:
+    """NorMuon keeps its second moment over the smaller side: one value per output feature when out >= in (the mean
+    over each column's inputs, axis -2 here), else one per input (the mean over each row, axis -1)."""
+    return -2 if shape[-1] >= shape[-2] else -1
+
+
+def normuon(x, second_moment, beta2: float):
+    """NorMuon (arXiv 2510.05491): each row or column of the update divided by the root of its running mean square,
+    the Frobenius norm kept. Returns (update, second moment); no bias correction, as the reference."""
+    axis = normuon_axis(x.shape)
+    size = x.shape[axis]
+    v_mean = jnp.mean(x * x, axis=axis, keepdims=True)
+    norm = jnp.sqrt(jnp.sum(v_mean) * size)
+    second_moment = second_moment + (1.0 - beta2) * (v_mean - second_moment)
+    step = jax.lax.rsqrt(jnp.maximum(second_moment, 1e-10))
+    new_norm = jnp.sqrt(jnp.sum(v_mean * step * step) * size)
+    return x * step * (norm / jnp.maximum(new_norm, 1e-10)), second_moment
+
+
+def cautious_decay(update, param, weight_decay):
+    """Cautious weight decay: decay only the entries whose update points the same way as the weight (u·p >= 0), so
+    decay never fights the gradient step. Returns the term to add to the update direction."""
+    return weight_decay * param * (update * param >= 0)
+
+
 def distribution_axis(mesh, preferred: str | None = "fsdp") -> str | None:
     """The mesh axis Muon divides its matrices over: `preferred` if the mesh has it with more than one device, else the
     first axis that has more than one; None when there is nothing to divide (no mesh, one device)."""
@@ -105,7 +153,8 @@ def _constrain(x, mesh, spec: P):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec)
 
 
-def orthogonalize_sharded(xs, specs, mesh, axis: str, coefficients=NS5, *, dtype=jnp.bfloat16, normalize_scale=1.0):
+def orthogonalize_sharded(xs, specs, mesh, axis: str, coefficients=NS5, *, dtype=jnp.bfloat16, normalize_scale=1.0,
+                          eps=1e-7):
     """`[orthogonalize(x) for x in xs]`, the work divided over the mesh axis `axis`: matrices of one wide shape and
     layout are stacked, padded to a multiple of the axis size, sharded on the stack's leading axis, orthogonalised in a
     batch, and resharded back to `specs` (each matrix's PartitionSpec). Returns the results in the NS dtype."""
@@ -125,7 +174,7 @@ def orthogonalize_sharded(xs, specs, mesh, axis: str, coefficients=NS5, *, dtype
         if pad:
             stack = jnp.concatenate([stack, jnp.zeros((pad, *shape), dtype)])
         stack = _constrain(stack, mesh, P(axis, None, None))  # each device now holds ceil(n/D) whole matrices
-        ortho = orthogonalize(stack, coefficients, dtype=dtype, normalize_scale=normalize_scale)
+        ortho = orthogonalize(stack, coefficients, dtype=dtype, normalize_scale=normalize_scale, eps=eps)
         ortho = _constrain(ortho, mesh, P(axis, None, None))  # NS stays on the shares: no resharding inside it
         ortho = _constrain(ortho, mesh, P(None, *spec))[: len(members)]  # back to the parameters' layout
         for j, i in enumerate(members):
@@ -143,23 +192,41 @@ def muon(
     mesh=None,
     param_spec: Callable | None = None,
     shard_axis: str | None = "fsdp",
+    equilibrate_rows: bool = False,
+    plus: bool = False,
+    normuon_beta2: float = 0.0,
+    cautious_weight_decay: float = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
-    """Muon for a pytree of 2-D (in, out) matrices. `momentum` may be overridden per step as an update argument.
+    """Muon for a pytree of 2-D (in, out) matrices. `momentum` (and, with cautious weight decay, `weight_decay`) may
+    be overridden per step as update arguments.
 
     `mesh` (a Mesh or AbstractMesh; None: the mesh the update is traced under, if any) divides Newton–Schulz over its
     `shard_axis` (see the module docstring); `param_spec(path, shape, mesh) -> PartitionSpec` gives each parameter's
-    layout, so the results go straight back to it (default: replicated)."""
+    layout, so the results go straight back to it (default: replicated).
+
+    The 2026 options, in the order they apply: `equilibrate_rows` (MuonEq, before the orthogonalisation), `plus`
+    (Muon+, after it), `normuon_beta2` > 0 (NorMuon's second moment), `cautious_weight_decay` > 0 (scaled by the
+    learning rate and the shape factor, as the step)."""
     coefficients = tuple(coefficients)
-    normalize_scale = 1.01 if coefficients == POLAR_EXPRESS else 1.0
+    polar = coefficients == POLAR_EXPRESS  # the reference normalises its input by ‖X‖·1.01 + 1e-6
+    normalize_scale, eps = (1.01, 1e-6) if polar else (1.0, 1e-7)
 
     def init_fn(params):
         for p in jax.tree.leaves(params):
             if p.ndim != 2:
                 raise ValueError(f"Muon takes 2-D matrices only, got a parameter of shape {p.shape}")
-        return MuonState(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+        buffers = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        if not normuon_beta2:
+            return MuonState(buffers)
+        side = lambda p: jnp.zeros(tuple(1 if i == normuon_axis(p.shape) % 2 else n  # noqa: E731
+                                         for i, n in enumerate(p.shape)), jnp.float32)
+        return NorMuonState(buffers, jax.tree.map(side, params))
 
-    def update_fn(updates, state, params=None, *, momentum=momentum, **unused_extra_args):
-        del params, unused_extra_args
+    def update_fn(updates, state, params=None, *, momentum=momentum, weight_decay=cautious_weight_decay,
+                  **unused_extra_args):
+        del unused_extra_args
+        if cautious_weight_decay and params is None:
+            raise ValueError("cautious weight decay needs the parameters: tx.update(grads, state, params)")
         mu = jnp.asarray(momentum, jnp.float32)
 
         def nesterov_step(g, buf):
@@ -173,15 +240,30 @@ def muon(
         buffers = treedef.flatten_up_to(state.momentum_buffer)
         stepped = [nesterov_step(g, buf) for (_, g), buf in zip(with_paths, buffers)]
         gs = [g for g, _ in stepped]
+        to_orthogonalize = [equilibrate(g.astype(ns_dtype)) for g in gs] if equilibrate_rows else gs
         layout = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
         axis = distribution_axis(layout, shard_axis)
         if axis is None:  # one device: each matrix whole, as it always was
-            xs = [orthogonalize(g, coefficients, dtype=ns_dtype, normalize_scale=normalize_scale) for g in gs]
+            xs = [orthogonalize(g, coefficients, dtype=ns_dtype, normalize_scale=normalize_scale, eps=eps)
+                  for g in to_orthogonalize]
         else:
             specs = [param_spec(path, g.shape, layout) if param_spec else P() for path, g in zip(paths, gs)]
-            xs = orthogonalize_sharded(gs, specs, layout, axis, coefficients, dtype=ns_dtype,
-                                       normalize_scale=normalize_scale)
-        new_updates = [-learning_rate * shape_scale(g.shape) * x.astype(jnp.float32) for g, x in zip(gs, xs)]
-        return treedef.unflatten(new_updates), MuonState(treedef.unflatten([buf for _, buf in stepped]))
+            xs = orthogonalize_sharded(to_orthogonalize, specs, layout, axis, coefficients, dtype=ns_dtype,
+                                       normalize_scale=normalize_scale, eps=eps)
+        xs = [x.astype(jnp.float32) for x in xs]
+        if plus:
+            xs = [renormalize(x) for x in xs]
+        momentum_buffer = treedef.unflatten([buf for _, buf in stepped])
+        if normuon_beta2:
+            stepped2 = [normuon(x, v, normuon_beta2) for x, v in zip(xs, treedef.flatten_up_to(state.second_moment))]
+            xs = [x for x, _ in stepped2]
+            new_state = NorMuonState(momentum_buffer, treedef.unflatten([v for _, v in stepped2]))
+        else:
+            new_state = MuonState(momentum_buffer)
+        if cautious_weight_decay:
+            wd = jnp.asarray(weight_decay, jnp.float32)
+            xs = [x + cautious_decay(x, p.astype(jnp.float32), wd) for x, p in zip(xs, treedef.flatten_up_to(params))]
+        new_updates = [-learning_rate * shape_scale(g.shape) * x for g, x in zip(gs, xs)]
+        return treedef.unflatten(new_updates), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -106,8 +106,17 @@ def state_shardings(tx, params, mesh: Mesh):
     optimizer's own structure; everything else (step counts, scalars) is replicated."""
     state = jax.eval_shape(tx.init, params)
     masked = optax.MaskedNode  # a parameter another group of optax.multi_transform owns: no state here
-    return optax.tree_map_params(tx, lambda x, s: x if isinstance(x, masked) else s, state,
-                                 param_shardings(params, mesh), transform_non_params=lambda _: NamedSharding(mesh, P()),
+
+    def follow(x, s):
+        if isinstance(x, masked):
+            return x
+        # A reduced copy (NorMuon keeps one value per row or column) keeps the splits its dimensions still divide.
+        sizes = [int(np.prod([mesh.shape[n] for n in (a if isinstance(a, tuple) else (a,))])) if a else 1
+                 for a in s.spec]
+        return NamedSharding(mesh, P(*(a if dim % size == 0 else None for a, dim, size in zip(s.spec, x.shape, sizes))))
+
+    return optax.tree_map_params(tx, follow, state, param_shardings(params, mesh),
+                                 transform_non_params=lambda _: NamedSharding(mesh, P()),
                                  is_leaf=lambda x: isinstance(x, (NamedSharding, masked)))
 
 

@@ -36,7 +36,9 @@ def _accumulate_grads(graphdef, params, micro_batches, loss_fn):
 
 def train_step(graphdef, tx, params, opt_state, batch, hparams, loss_fn=model.loss_fn):
     grads, loss = _accumulate_grads(graphdef, params, tuple(batch[k] for k in batch_keys(batch)), loss_fn)
-    updates, opt_state = tx.update(grads, opt_state, params, momentum=hparams["momentum"])
+    # Muon's weight decay arrives per step only where a recipe schedules it (cautious weight decay, 2026).
+    extra = {"weight_decay": hparams["weight_decay"]} if "weight_decay" in hparams else {}
+    updates, opt_state = tx.update(grads, opt_state, params, momentum=hparams["momentum"], **extra)
     updates = jax.tree.map(lambda u: u * hparams["lrm"], updates)
     params = optax.apply_updates(params, updates)
     # The global norm of the raw gradient, before the optimizer's clipping (optim.make_optimizer): what clipping saw.

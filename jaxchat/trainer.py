@@ -95,6 +95,18 @@ def resolve_attention(config) -> str:
     return impl
 
 
+def resolve_fp8(gcfg: model.GPTConfig) -> model.GPTConfig:
+    """`fp8` where the device has FP8 GEMMs (compute capability 8.9 and later: Ada, Hopper, Blackwell), else bf16,
+    saying why: elsewhere fp8 would only add its rounding."""
+    if not gcfg.fp8:
+        return gcfg
+    ok, why = model.fp8_supported(jax.devices()[0])
+    if not ok:
+        print(f"fp8: off ({why})", flush=True)
+        return dataclasses.replace(gcfg, fp8=False)
+    return gcfg
+
+
 class _StopFlag:
     """SIGTERM/SIGINT ask the loop to stop after the current step; a second SIGINT aborts.
 
@@ -318,7 +330,7 @@ def run(config, stage: Stage, tokenizer, *, log: Callable[[str], None] = print) 
     devices = jax.devices()
     derived = C.derive(config, len(devices))
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp)
-    gcfg = C.model_config(config, attention=resolve_attention(config))
+    gcfg = resolve_fp8(C.model_config(config, attention=resolve_attention(config)))
     graphdef, abstract = model.abstract_params(gcfg)
     tx = optim.make_optimizer(config, derived)
     p_shard = sharding.param_shardings(abstract, mesh)
@@ -354,7 +366,9 @@ def run(config, stage: Stage, tokenizer, *, log: Callable[[str], None] = print) 
 
     n_steps = stage.num_iterations
     tokens_per_step = derived.total_batch_size
-    evaluator = make_evaluator(graphdef, tokenizer.token_bytes, mesh) if stage.val_data else None
+    # validation bpb in bf16 even when training in fp8, as the reference evaluates
+    eval_graphdef = model.graphdef(dataclasses.replace(gcfg, fp8=False))
+    evaluator = make_evaluator(eval_graphdef, tokenizer.token_bytes, mesh) if stage.val_data else None
     val_steps = max(1, config.eval_tokens // (rows * pcount * config.sequence_len))
     sampler = (make_sampler(gcfg, tokenizer, stage.sample_prompts, 16, mesh)
                if stage.sample_prompts and config.sample_every > 0 else None)

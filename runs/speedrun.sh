@@ -5,11 +5,13 @@
 #   bash runs/speedrun.sh --depth 26           # another tier of the depth dial (run name d26)
 #   bash runs/speedrun.sh --rl                 # also the optional RL stage on GSM8K
 #   bash runs/speedrun.sh --config.device_batch_size=16   # any config field, passed to every step
+#   bash runs/speedrun.sh --config configs/d24.py --base-only --shards 170   # runs/speedrun_gpt2.sh: tokenizer, base, CORE
 #
 # Options: --depth N, --config FILE (default configs/d20.py), --run NAME, --shards N (default: enough for the
 # horizon with the config's packing, what `python -m jaxchat.config ... --shards-needed` prints), --rl, --cpu (CPU
 # jax, no CUDA wheels), --offline (no downloads: for the embedded tiny corpus), --no-venv (use $PYTHON or python3.12
-# as it is). runs/tiny.sh is this script on configs/tiny.py, CPU, offline.
+# as it is), --base-only (stop after base training and its CORE evaluation). runs/tiny.sh is this script on
+# configs/tiny.py, CPU, offline.
 #
 # Resumable: re-run the same command after an interruption. Finished steps are skipped (their markers are in
 # $JAXCHAT_HOME/runs/<run>/speedrun/), downloads skip valid files, and training resumes from its checkpoint.
@@ -20,7 +22,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 
-CONFIG=configs/d20.py DEPTH="" RUN="" SHARDS="" WITH_RL=0 CPU=0 OFFLINE=0 VENV=1
+CONFIG=configs/d20.py DEPTH="" RUN="" SHARDS="" WITH_RL=0 CPU=0 OFFLINE=0 VENV=1 BASE_ONLY=0
 OVERRIDES=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -33,6 +35,7 @@ while [[ $# -gt 0 ]]; do
     --shards) SHARDS=$2; shift 2 ;;
     --shards=*) SHARDS=${1#*=}; shift ;;
     --rl) WITH_RL=1; shift ;;
+    --base-only) BASE_ONLY=1; shift ;;
     --cpu) CPU=1; shift ;;
     --offline) OFFLINE=1; shift ;;
     --no-venv) VENV=0; shift ;;
@@ -70,13 +73,13 @@ fi
 # What the config resolves to: run name, tokenizer name and the train shards its horizon needs with its packing
 # (jaxchat.config.data_plan, the number `python -m jaxchat.config ... --shards-needed` prints: the dataset's chars
 # per shard and per token, best-fit's crop, plus 10% spare; 237 for d20's stream packing). 0: unknown.
-read -r RUN TOKENIZER NEED_SHARDS < <("$PY" - "${ARGS[@]}" <<'EOF'
+read -r RUN TOKENIZER NEED_SHARDS DATASET < <("$PY" - "${ARGS[@]}" <<'EOF'
 import sys
 from jaxchat import config as C
 c = C.load_config(sys.argv[1:])
 d = C.derive(c, 8)
 plan = C.data_plan(c, d)
-print(c.run, c.tokenizer or c.run, plan.shards_needed if plan else 0)
+print(c.run, c.tokenizer or c.run, plan.shards_needed if plan else 0, c.dataset)
 EOF
 )
 [[ -n "${NEED_SHARDS:-}" ]] || { echo "error: could not read the config (see above)" >&2; exit 2; }
@@ -119,12 +122,13 @@ fi
 # ---- 3. Data: 8 shards now (enough for the tokenizer), the rest and the task datasets in the background
 DOWNLOAD_PID="" TASKS_PID=""
 if [[ $OFFLINE == 0 ]]; then
-  step data-first "$PY" -m jaxchat.data.download -n 8
+  step data-first "$PY" -m jaxchat.data.download -n 8 --dataset "$DATASET"
   if [[ ! -f "$STATE/data-all.done" ]]; then
-    ( "$PY" -m jaxchat.data.download -n "$SHARDS" > "$STATE/logs/data-all.log" 2>&1 && touch "$STATE/data-all.done" ) &
+    ( "$PY" -m jaxchat.data.download -n "$SHARDS" --dataset "$DATASET" > "$STATE/logs/data-all.log" 2>&1 \
+      && touch "$STATE/data-all.done" ) &
     DOWNLOAD_PID=$!
   fi
-  if [[ ! -f "$STATE/tasks.done" ]]; then
+  if [[ $BASE_ONLY == 0 && ! -f "$STATE/tasks.done" ]]; then
     ( "$PY" -m jaxchat.data.hub fetch-all > "$STATE/logs/tasks.log" 2>&1 && touch "$STATE/tasks.done" ) &
     TASKS_PID=$!
   fi
@@ -146,16 +150,22 @@ wait_for "$DOWNLOAD_PID" "the download of $SHARDS shards" data-all
 step base "$PY" train.py "${ARGS[@]}" --stage=base
 
 # ---- 6. Mid-training and SFT, each followed by the chat evaluations
-wait_for "$TASKS_PID" "the task datasets" tasks
-step mid "$PY" train.py "${ARGS[@]}" --stage=mid
-step sft "$PY" train.py "${ARGS[@]}" --stage=sft
+if [[ $BASE_ONLY == 0 ]]; then
+  wait_for "$TASKS_PID" "the task datasets" tasks
+  step mid "$PY" train.py "${ARGS[@]}" --stage=mid
+  step sft "$PY" train.py "${ARGS[@]}" --stage=sft
+fi
 
 # ---- 7. Optional RL on GSM8K, then its evaluation
-if [[ $WITH_RL == 1 ]]; then
+if [[ $WITH_RL == 1 && $BASE_ONLY == 0 ]]; then
   step rl "$PY" train.py "${ARGS[@]}" --stage=rl
 fi
 
 # ---- 8. The report card (always re-rendered: it is cheap and reflects whatever has run)
 "$PY" -m jaxchat.evaluate.report "${ARGS[@]}" 2>&1 | tee "$STATE/logs/report.log"
 echo "speedrun: done. Report: $JAXCHAT_HOME/runs/$RUN/report.md"
-echo "chat with it: $PY -m jaxchat.chat ${ARGS[*]} --stage=$([[ $WITH_RL == 1 ]] && echo rl || echo sft)"
+if [[ $BASE_ONLY == 1 ]]; then
+  echo "CORE (the leaderboard's measure): $JAXCHAT_HOME/runs/$RUN/base/eval.json"
+else
+  echo "chat with it: $PY -m jaxchat.chat ${ARGS[*]} --stage=$([[ $WITH_RL == 1 ]] && echo rl || echo sft)"
+fi

@@ -1,6 +1,6 @@
-"""Importing nanochat checkpoints: a tiny model in the reference's own format (tests/fixtures/nanochat_tiny, made by
-make_nanochat_fixture.py with torch) must give the reference's logits, its tokenizer the reference's ids, and later
-architectures must be refused by name."""
+"""Importing nanochat checkpoints: tiny October and 2026 models in the reference's own format (tests/fixtures/
+nanochat_tiny and nanochat_2026_ckpt, made with torch) must give the reference's logits, its tokenizer the reference's
+ids, and keys neither architecture has must be refused by name."""
 import json
 import os
 import pickle
@@ -66,25 +66,41 @@ def jax_leaves(tree):
     return jax.tree.leaves(tree)
 
 
-@pytest.mark.parametrize("key, feature", [
-    ("value_embeds.1.weight", "value embeddings"),
-    ("transformer.h.1.attn.ve_gate.weight", "value-embedding gates"),
-    ("resid_lambdas", "per-layer residual"),
-    ("smear_gate.weight", "smear"),
-    ("backout_lambda", "backout"),
-])
-def test_later_architectures_are_refused_by_key(state, key, feature):
-    with pytest.raises(convert.ConversionError, match=f"key '{key}' belongs to {feature}"):
-        convert.convert_params({**state, key: np.zeros(3, np.float32)}, MODEL_CONFIG)
-
-
-def test_sliding_windows_and_missing_keys_are_refused(state):
-    with pytest.raises(convert.ConversionError, match="window_pattern='SSSL'.*sliding-window"):
-        convert.check_architecture(state, {**MODEL_CONFIG, "window_pattern": "SSSL"})
-    convert.check_architecture(state, {**MODEL_CONFIG, "window_pattern": "L"})  # all-long is the V0 model
+def test_unknown_keys_and_missing_keys_are_refused_by_name(state):
+    with pytest.raises(convert.ConversionError, match="key 'engram.weight' is a parameter neither"):
+        convert.convert_params({**state, "engram.weight": np.zeros(3, np.float32)}, MODEL_CONFIG)
+    # a value embedding makes it a 2026 model, whose value embeddings then sit on layers (L-1) % 2, 2 apart: in a
+    # 2-layer model layer 1 only, with its gate
+    with pytest.raises(convert.ConversionError, match="value_embeds.0.weight"):
+        convert.check_architecture({**state, "value_embeds.0.weight": np.zeros(3, np.float32)}, MODEL_CONFIG)
+    convert.check_architecture(state, {**MODEL_CONFIG, "window_pattern": "L"})  # all-long: still the V0 keys
+    with pytest.raises(convert.ConversionError, match="letters other than S and L"):
+        convert.check_architecture(state, {**MODEL_CONFIG, "window_pattern": "SXL"})
     partial = {k: v for k, v in state.items() if k != "transformer.h.1.mlp.c_proj.weight"}
     with pytest.raises(convert.ConversionError, match="'transformer.h.1.mlp.c_proj.weight' is missing"):
         convert.check_architecture(partial, MODEL_CONFIG)
+
+
+FIXTURE_2026 = Path(__file__).resolve().parent / "fixtures" / "nanochat_2026_ckpt"
+
+
+def test_a_2026_checkpoint_converts_and_gives_the_references_logits():
+    """nanochat 92d63d4's own checkpoint (2 layers, SSSL windows, value embeddings, smear, backout, scalars, wte and
+    value embeddings in bf16; tests/fixtures/make_2026_parity.py) against the logits its code computed."""
+    model_path, meta_path, step = convert.find_checkpoint(FIXTURE_2026)
+    meta = json.loads(meta_path.read_text())
+    state = convert.load_torch_file(model_path)
+    options = convert.model_options(state, meta["model_config"])
+    assert options["window_pattern"] == "SSSL" and options["value_embeds"] and options["smear"]
+    params = convert.convert_params(state, meta["model_config"])
+    cfg = convert.gpt_config(meta["model_config"], {**options, "compute_dtype": "float32"})
+    graphdef, _ = model.abstract_params(cfg)
+    z = np.load(Path(__file__).resolve().parent / "fixtures" / "parity_2026.npz")
+    logits = np.asarray(model.forward(graphdef, params, jnp.asarray(z["ckpt/input_ids"].astype(np.int32))))
+    np.testing.assert_allclose(logits, z["ckpt/logits"], rtol=1e-4, atol=1e-4)
+    config = convert.jaxchat_config(meta["model_config"], "r", options)
+    assert (config.window_pattern, config.qk_scale, config.vocab_multiple) == ("SSSL", 1.2, 64)
+    assert "c.smear = True" in convert.config_source(config, "here")
 
 
 def test_a_pickle_that_would_run_code_is_refused(tmp_path):
@@ -169,14 +185,8 @@ def test_command_writes_a_run_that_chat_loads(tmp_path, monkeypatch, state, caps
     assert "already there" in capsys.readouterr().out
 
 
-def test_command_refuses_a_windowed_model_with_a_clear_error(tmp_path, monkeypatch, capsys):
+def test_command_refuses_bad_sources_with_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("JAXCHAT_HOME", str(tmp_path))
-    shutil.copy(MODEL_PT, tmp_path / "model_000042.pt")
-    meta = dict(META, model_config={**MODEL_CONFIG, "window_pattern": "SSSL"})
-    (tmp_path / "meta_000042.json").write_text(json.dumps(meta))
-    assert convert.main([str(tmp_path), "--stage=base", "--no-tokenizer"]) == 2
-    assert "sliding-window" in capsys.readouterr().err
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("checkpoints"))
     assert convert.main([str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "runs" / "taken" / "sft" / "checkpoints" / "100").mkdir(parents=True)

@@ -76,7 +76,7 @@ def test_cached_forward_equals_model_forward(n_kv_head):
 
     # decode: each row continues from its own length with the true next tokens (per-row positions); the padding
     # written past a row's length is overwritten as it goes and never attended before that
-    cache = model.KVCache(cache.k, cache.v, jnp.asarray(lengths))
+    cache = model.KVCache(cache.k, cache.v, jnp.asarray(lengths), cache.last_tokens_B)
     for step in range(6):
         pos = lengths + step
         logits, cache = forward_cached(graphdef, params, jnp.asarray(tokens[np.arange(3), pos])[:, None], cache)

@@ -66,14 +66,17 @@ def test_dry_run_runs_every_stage_on_the_gpu_image_and_prints_the_summary(tmp_pa
     assert r.returncode == 0, (r.stdout[-3000:], (tmp_path / "out" / "log.txt").read_text()[-5000:])
     table = r.stdout[r.stdout.index("| stage | status |"):]
     assert len(table.encode()) < 3000
-    for stage in ("env", "attention", "train", "decode", "eval", "extra"):
+    for stage in ("env", "attention", "train", "decode", "eval", "fp8", "extra"):
         assert f"| {stage} | ok |" in table, table
     rs = records(tmp_path)
     kinds = {(x["stage"], x["kind"]) for x in rs}
     for needed in [("env", "versions"), ("env", "ceilings"), ("attention", "variant"), ("attention", "choice"),
                    ("train", "compiled"), ("train", "step"), ("train", "profile"), ("decode", "batch"),
-                   ("eval", "throughput"), ("extra", "step")]:
+                   ("eval", "throughput"), ("fp8", "speedup"), ("extra", "step")]:
         assert needed in kinds, needed
+    # fp8 on a CPU: the quantisations and fp8 dots are in the HLO (no cuBLASLt to rewrite them into FP8 GEMMs)
+    f8 = {x["fp8"]: x for x in rs if x["stage"] == "fp8" and x["kind"] == "step"}
+    assert f8[True]["f8_instructions"] > 0 and f8[False]["f8_instructions"] == 0
     # No cuDNN on a CPU: every variant records the failure and the run falls back to XLA, saying why.
     variants = [x for x in rs if x["kind"] == "variant"]
     assert {v["variant"] for v in variants} == {"mha", "gqa", "window"}

@@ -73,7 +73,7 @@ def test_init_zeroes_output_projections_and_head_so_first_loss_is_ln_vocab():
 
 def test_narrowing_layers_get_a_smaller_init():
     # c_proj of a non-zero-init 4d -> d layer: 1/sqrt(4d) * sqrt(1/4)
-    layer = model.Linear(256, 64, rngs=__import__("flax").nnx.Rngs(0))
+    layer = model.Linear(256, 64, model.fan_in_normal, rngs=__import__("flax").nnx.Rngs(0))
     assert float(layer.kernel[...].std()) == pytest.approx(256 ** -0.5 * 0.5, rel=0.1)
 
 

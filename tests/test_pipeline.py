@@ -77,7 +77,7 @@ def test_a_stopped_stage_is_not_evaluated_and_all_stops_there(pipeline):
 
 STUB_PYTHON = """#!/usr/bin/env bash
 printf '%s\\n' "$*" >> "$CALLS"
-if [[ $1 == - ]]; then cat > /dev/null; echo "tiny tiny 0"; fi  # speedrun.sh's config read: run, tokenizer, shards
+if [[ $1 == - ]]; then cat > /dev/null; echo "tiny tiny 0 tiny"; fi  # the config read: run, tokenizer, shards, data
 """
 
 
@@ -88,16 +88,20 @@ def test_speedrun_trains_each_stage_once_and_evaluates_nothing_itself(tmp_path):
     calls = tmp_path / "calls"
     env = dict(os.environ, PYTHON=str(stub), JAXCHAT_HOME=str(tmp_path / "home"), CALLS=str(calls))
 
-    def speedrun() -> list[str]:
+    def speedrun(*extra, home="home") -> list[str]:
         calls.write_text("")
-        proc = subprocess.run(["bash", "runs/tiny.sh", "--no-venv", "--rl"], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=60)
+        proc = subprocess.run(["bash", "runs/tiny.sh", "--no-venv", *extra], cwd=REPO, capture_output=True,
+                              env={**env, "JAXCHAT_HOME": str(tmp_path / home)}, text=True, timeout=60)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return calls.read_text().splitlines()
 
     args = "--config=configs/tiny.py"
-    first = speedrun()
+    # runs/speedrun_gpt2.sh's measurement: the tokenizer, base training (with its CORE evaluation), nothing after
+    base_only = speedrun("--base-only", home="gpt2")
+    assert base_only[1:] == [f"train.py {args} --stage={s}" for s in ("tokenizer", "base")] + \
+        [f"-m jaxchat.evaluate.report {args}"]
+    first = speedrun("--rl")
     assert first[1:] == [f"train.py {args} --stage={s}" for s in ("tokenizer", *MODEL_STAGES)] + \
         [f"-m jaxchat.evaluate.report {args}"]
     assert (tmp_path / "home" / "runs" / "tiny" / "speedrun" / "rl.done").exists()
-    assert speedrun()[1:] == [f"-m jaxchat.evaluate.report {args}"]  # resumed: every step's marker is there
+    assert speedrun("--rl")[1:] == [f"-m jaxchat.evaluate.report {args}"]  # resumed: every step's marker is there

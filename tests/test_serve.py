@@ -147,8 +147,8 @@ def test_decoding_a_prefix_of_the_rows_equals_decoding_them_alone_and_leaves_the
     graphdef, params = fixtures_model.random_params(CFG, 1, 0.3)
     rng = np.random.default_rng(0)
     k = [jnp.asarray(rng.normal(size=(4, CFG.n_kv_head, 64, CFG.head_dim)), jnp.float32) for _ in range(CFG.n_layer)]
-    cache = model.KVCache(tuple(k), tuple(-x for x in k), jnp.asarray([5, 9, 3, 7], jnp.int32))
-    prefix = model.KVCache(tuple(x[:2] for x in k), tuple(-x[:2] for x in k), cache.lengths_B[:2])
+    cache = model.KVCache(tuple(k), tuple(-x for x in k), jnp.asarray([5, 9, 3, 7], jnp.int32), jnp.zeros(4, jnp.int32))
+    prefix = model.KVCache(tuple(x[:2] for x in k), tuple(-x[:2] for x in k), cache.lengths_B[:2], jnp.zeros(2, jnp.int32))
     tokens = jnp.asarray([[11], [22]], jnp.int32)
     decode = jax.jit(model.forward_cached, static_argnums=0)
     want_logits, want = decode(graphdef, params, tokens, prefix)
