@@ -1,7 +1,8 @@
 """Web chat + OpenAI-compatible API for a trained checkpoint.
 
     python serve.py --config=configs/tiny.py [--stage=sft] [--step=N] [--host 127.0.0.1] [--port 8000]
-                    [-t 0.8] [-k 50] [-m 512] [--max-batch 32] [--queue-size 256] [--config.field=value ...]
+                    [-t 0.8] [-k 50] [-m 512] [--max-batch 32] [--queue-size 256] [--api-key KEY ...]
+                    [--config.field=value ...]
 
 Open http://127.0.0.1:8000/ for the chat page; point any OpenAI client at http://127.0.0.1:8000/v1. The server listens
 at once but answers chat requests (and /health) only after every program is compiled; the console says when.
@@ -9,7 +10,9 @@ at once but answers chat requests (and /health) only after every program is comp
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import os
 import sys
 import threading
 
@@ -29,10 +32,23 @@ def parse_cli(argv: list[str]):
                     help="rows decoded together (rounded up to a power of two); sizes the KV cache")
     ap.add_argument("--queue-size", type=int, default=256, help="requests that may wait for a row before 429s")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                    help="require `Authorization: Bearer KEY` on the API (repeatable; also JAXCHAT_API_KEY, "
+                         "comma-separated); the chat page asks for it")
     config, args = parse_command(argv, ap)
+    args.api_key += [k.strip() for k in os.environ.get("JAXCHAT_API_KEY", "").split(",") if k.strip()]
     if not 0 <= args.temperature <= 2 or not 0 <= args.top_k <= 200 or not 1 <= args.max_tokens <= 4096:
         ap.error("defaults must respect the API's limits: temperature 0-2, top-k 0-200, max tokens 1-4096")
     return config, args
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     model_id = f"jaxchat-{config.run}-{args.stage}-{step}"
     batcher = Batcher(Engine(cfg, params, tokenizer), max_rows=args.max_batch, queue_size=args.queue_size).start()
     defaults = GenerationDefaults(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
-    app = create_app(batcher, model_id=model_id, defaults=defaults)
+    app = create_app(batcher, model_id=model_id, defaults=defaults, api_keys=args.api_key)
+    if not args.api_key and not is_loopback(args.host):
+        print(f"warning: listening on {args.host} without an API key: anyone who can reach the port can use the "
+              "model; pass --api-key (or set JAXCHAT_API_KEY)", file=sys.stderr)
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
 
     def announce():

@@ -535,3 +535,38 @@ def test_serve_cli_serves_a_saved_checkpoint(tmp_path):
             proc.kill()
             _, err = proc.communicate()
     assert "ready: jaxchat-servetiny-sft-3" in err
+
+
+# ---- API keys ---------------------------------------------------------------------------------------------------------
+
+
+def test_api_keys_guard_every_api_route_and_leave_the_page_and_health_open():
+    app = create_app(backend("random"), model_id="keyed", defaults=GenerationDefaults(max_tokens=4),
+                     api_keys=["sk-first", "sk-second"])
+    with ServerThread(app) as srv:
+        routes = [("GET", "/v1/models", None), ("GET", "/metrics", None),
+                  ("POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2})]
+        for method, path, body in routes:
+            for headers, status in [({}, 401), ({"Authorization": "Bearer sk-wrong"}, 401),
+                                    ({"Authorization": "sk-first"}, 401), ({"Authorization": "Bearer sk-first"}, 200),
+                                    ({"Authorization": "Bearer sk-second"}, 200)]:
+                r = httpx.request(method, srv.url + path, json=body, headers=headers, timeout=60)
+                assert r.status_code == status, (path, headers, r.text)
+                if status == 401:
+                    assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(srv.url + "/health").status_code == 200 and httpx.get(srv.url + "/").status_code == 200
+        spec = httpx.get(srv.url + "/openapi.json").json()
+        assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        assert spec["paths"]["/v1/chat/completions"]["post"]["security"] == [{"bearer": []}]
+        assert "security" not in spec["paths"]["/health"]["get"]
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="sk-second", max_retries=0, timeout=60)
+        assert c.chat.completions.create(model="keyed", messages=HELLO, max_tokens=2).choices[0].message.content
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_serve_warns_when_listening_on_the_network_without_a_key():
+    import serve
+
+    assert serve.is_loopback("127.0.0.1") and serve.is_loopback("::1") and serve.is_loopback("localhost")
+    assert not serve.is_loopback("0.0.0.0") and not serve.is_loopback("example.org")

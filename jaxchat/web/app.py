@@ -13,6 +13,9 @@ anything with its `submit`/`ready`/`status`/`metrics`/`tokenizer`), so tests bui
   replaced by 400 in the OpenAPI document too, so the spec says what the server does.
 - The decode loop runs in the backend's thread; each request gets an asyncio queue that the loop feeds through
   `loop.call_soon_threadsafe`. A client that disconnects mid-stream cancels its row.
+- With API keys (`api_keys`, serve.py's `--api-key` / `JAXCHAT_API_KEY`), every API route (`/v1/...`, `/metrics`)
+  needs `Authorization: Bearer <key>`: 401 with OpenAI's error body otherwise, keys compared in constant time; the
+  chat page and `/health` stay open (the page asks for a key when the API answers 401 and keeps it in the browser).
 - No client input reaches anything executable: the only evaluator is the calculator, which runs on tokens the model
   sampled, never on prompt tokens, and is itself restricted to arithmetic (sandbox.py).
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 import re
 import socket
@@ -140,7 +144,8 @@ def render_prompt(tokenizer, messages: list[schema.ChatMessage]) -> list[int]:
 # ---- the app ---------------------------------------------------------------------------------------------------------
 
 
-def create_app(backend, *, model_id: str = "jaxchat", defaults: GenerationDefaults = GenerationDefaults()) -> FastAPI:
+def create_app(backend, *, model_id: str = "jaxchat", defaults: GenerationDefaults = GenerationDefaults(),
+               api_keys=()) -> FastAPI:
     app = FastAPI(title="jaxchat", version="1", description="Chat with a jaxchat model; OpenAI-compatible API.")
     ui_html = UI_PATH.read_text(encoding="utf-8")
     created = int(time.time())
@@ -225,12 +230,52 @@ def create_app(backend, *, model_id: str = "jaxchat", defaults: GenerationDefaul
                     operation.get("responses", {}).pop("422", None)  # validation errors are 400s here
             for name in ("HTTPValidationError", "ValidationError"):
                 spec.get("components", {}).get("schemas", {}).pop(name, None)
+            if api_keys:  # the guarded routes say so
+                spec.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for route, path in spec.get("paths", {}).items():
+                    for operation in path.values() if route.startswith(API_PREFIXES) else ():
+                        operation["security"] = [{"bearer": []}]
+                        operation.setdefault("responses", {})["401"] = {
+                            "description": "missing or wrong API key",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
             app.openapi_schema = spec
         return app.openapi_schema
 
     app.openapi = _openapi
     app.add_middleware(BodyLimit)
+    if api_keys:
+        app.add_middleware(RequireKey, keys=tuple(api_keys))
     return app
+
+
+API_PREFIXES = ("/v1/", "/metrics")  # what a key guards; the page and /health stay open
+
+
+def authorized(header: str | None, keys) -> bool:
+    """Whether an Authorization header carries one of `keys`; every key is compared, in constant time."""
+    scheme, _, given = (header or "").partition(" ")
+    given = given.strip().encode()
+    matches = [hmac.compare_digest(given, key.encode()) for key in keys]  # no early exit: the time says nothing
+    return scheme.lower() == "bearer" and any(matches)
+
+
+class RequireKey:
+    """ASGI middleware: API routes answer 401 (OpenAI's error body) without a valid `Authorization: Bearer` key."""
+
+    def __init__(self, app, keys: tuple[str, ...]):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith(API_PREFIXES):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            if not authorized(header, self.keys):
+                message = ("You didn't provide an API key: send it as `Authorization: Bearer <key>`" if not header
+                           else "Incorrect API key provided")
+                response = error_response(401, message, code="invalid_api_key",
+                                          headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _submit(backend, prompt, sampling, sink):
