@@ -10,52 +10,15 @@ computes in bf16); evaluation in bf16, as the reference.
 
     python -m jaxchat.config --config=configs/d24.py     # 1,384,122,122 parameters, 5,568 steps of 2^20 tokens
 """
-from jaxchat.config import default_config
+from jaxchat.config import MODEL_2026, OPTIMIZER_2026, default_config
 
 
 def get_config():
     c = default_config()
-    c.depth = 24
-    c.vocab_size = 32768
-    c.device_batch_size = 16
-    # model
-    c.window_pattern = "SSSL"
-    c.value_embeds = True
-    c.smear = True
-    c.backout = True
-    c.layer_scalars = True
-    c.qk_scale = 1.2
-    c.rope_base = 100000.0
-    c.rope_bf16 = False
-    c.vocab_multiple = 64
-    c.init = "2026"
-    c.fp8 = True
-    # horizon and batch
-    c.target_param_data_ratio = 8.0
-    c.horizon_params = "scaling"
-    c.total_batch_size = 0  # the 2026 rule: 2^20 at d24
-    c.batch_transfer = True
-    # optimizer and schedules (base_train's 2026 defaults)
-    c.optimizer = "2026"
-    c.embedding_lr = 0.3
-    c.unembedding_lr = 0.008
-    c.matrix_lr = 0.02
-    c.scalar_lr = 0.5
-    c.grad_clip = 0.0
-    c.muon_coefficients = "polar_express"
-    c.muon_equilibrate = True
-    c.muon_plus = True
-    c.muon_normuon_beta2 = 0.9
-    c.muon_weight_decay = 0.28
-    c.muon_momentum_start = 0.85
-    c.muon_momentum_end = 0.97
-    c.muon_momentum_warmup = 400
-    c.muon_momentum_final = 0.90
-    c.warmup_steps = 40
-    c.warmdown_ratio = 0.65
-    c.final_lr_frac = 0.05
-    c.eval_tokens = 80 * 524288
-    # data
-    c.dataset = "climbmix"
-    c.packing = "bestfit"
+    c.update(depth=24, vocab_size=32768, device_batch_size=16, fp8=True, eval_tokens=80 * 524288)
+    c.update(MODEL_2026)
+    c.update(OPTIMIZER_2026)
+    # horizon and batch: 8 tokens per scaling parameter; the 2026 batch rule (2^20 at d24), lrs and decay moved to it
+    c.update(target_param_data_ratio=8.0, horizon_params="scaling", total_batch_size=0, batch_transfer=True)
+    c.update(dataset="climbmix", packing="bestfit")
     return c

@@ -26,6 +26,17 @@ from ml_collections import ConfigDict, FieldReference
 
 from jaxchat.data.datasets import ShardNeed
 
+# The 2026 recipe (nanochat's time-to-GPT-2 record, configs/d24.py) as the fields it changes, once, so that every
+# config and test of it says the same: its model, and its optimizer with base_train's 2026 schedules and transfer.
+MODEL_2026 = dict(window_pattern="SSSL", value_embeds=True, smear=True, backout=True, layer_scalars=True,
+                  qk_scale=1.2, rope_base=100000.0, rope_bf16=False, vocab_multiple=64, init="2026")
+OPTIMIZER_2026 = dict(
+    optimizer="2026", embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5, grad_clip=0.0,
+    muon_coefficients="polar_express", muon_equilibrate=True, muon_plus=True, muon_normuon_beta2=0.9,
+    muon_weight_decay=0.28, muon_momentum_start=0.85, muon_momentum_end=0.97, muon_momentum_warmup=400,
+    muon_momentum_final=0.90, warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05)
+
+
 def default_config() -> ConfigDict:
     """Every field a run reads, with the reference d20 values. Configs override what they choose."""
     c = ConfigDict()

@@ -9,11 +9,11 @@ from flax import nnx
 import fixtures_model
 from fixtures_tok import ByteTokenizer
 from jaxchat import engine, model
+from jaxchat.config import MODEL_2026
 from test_engine import greedy_by_full_forward
 
 TOK = ByteTokenizer()
-ALL_ON = dict(window_pattern="SL", value_embeds=True, smear=True, backout=True, layer_scalars=True, qk_scale=1.2,
-              vocab_multiple=64, init="2026", rope_base=100000.0, rope_bf16=False)
+ALL_ON = {**MODEL_2026, "window_pattern": "SL"}  # two layers: one short, the last long
 
 
 def cfg_2026(**kw):

@@ -75,17 +75,13 @@ def recipe_2026(meta, **overrides):
 
     m = meta["model_config"]
     c = C.default_config()
+    c.update(C.MODEL_2026)
+    c.update(C.OPTIMIZER_2026)
     c.update(dict(depth=m["n_layer"], aspect_ratio=m["n_embd"] // m["n_layer"], head_dim=m["n_embd"] // m["n_head"],
                   n_kv_head=m["n_kv_head"], vocab_size=m["vocab_size"], sequence_len=m["sequence_len"],
-                  device_batch_size=meta["batch"], total_batch_size=-1, num_iterations=meta["steps"],
-                  target_param_data_ratio=-1.0, compute_dtype="float32", muon_ns_dtype="float32", grad_clip=0.0,
-                  window_pattern=m["window_pattern"], value_embeds=True, smear=True, backout=True, layer_scalars=True,
-                  qk_scale=1.2, vocab_multiple=64, init="2026", rope_base=100000.0, rope_bf16=False,
-                  optimizer="2026", embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5,
-                  muon_coefficients="polar_express", muon_equilibrate=True, muon_plus=True, muon_normuon_beta2=0.9,
-                  muon_weight_decay=0.28, muon_momentum_start=0.85, muon_momentum_end=0.97, muon_momentum_warmup=400,
-                  muon_momentum_final=0.90, warmup_steps=meta["base_train_flags"]["warmup_steps"], warmdown_ratio=0.65,
-                  final_lr_frac=0.05))
+                  window_pattern=m["window_pattern"], device_batch_size=meta["batch"], total_batch_size=-1,
+                  num_iterations=meta["steps"], target_param_data_ratio=-1.0, compute_dtype="float32",
+                  muon_ns_dtype="float32", warmup_steps=meta["base_train_flags"]["warmup_steps"]))
     c.update(overrides)
     return c
 
