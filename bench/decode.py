@@ -55,7 +55,7 @@ def bench_batch(cfg, params, prompt, B, decode_tokens, temperature, max_top_k):
         cache = model.KVCache.zeros(cfg, B, S)
         jax.block_until_ready(cache)
         t = time.perf_counter()
-        nxt, fresh = engine.prefill(cfg, max_top_k, params, tokens, lengths, s)
+        (nxt, *_), fresh = engine.prefill(cfg, max_top_k, params, tokens, lengths, s)
         cache = engine.insert(cache, fresh, np.int32(0), B)
         np.asarray(nxt)
         return time.perf_counter() - t, nxt, cache
@@ -65,7 +65,7 @@ def bench_batch(cfg, params, prompt, B, decode_tokens, temperature, max_top_k):
     steps, compile_decode = [], None
     for i in range(decode_tokens):
         t = time.perf_counter()
-        nxt, cache = engine.decode(cfg, max_top_k, params, cache, nxt, np.full(B, i + 1, np.int32), s)
+        (nxt, *_), cache = engine.decode(cfg, max_top_k, params, cache, nxt, np.full(B, i + 1, np.int32), s)
         np.asarray(nxt)  # the engine's host loop reads every column
         (steps.append if i else lambda s: None)(time.perf_counter() - t)
         if i == 0:

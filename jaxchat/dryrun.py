@@ -188,11 +188,12 @@ def engine_programs(cfg, rows: int = SERVER_BATCH) -> dict:
     spec = lambda shape, t: jax.ShapeDtypeStruct(shape, t)  # noqa: E731
     sampling = engine.Sampling(*(spec((rows,), t) for t in (np.uint32, np.uint32, np.float32, np.int32, np.float32)))
     k = min(engine.DEFAULT_MAX_TOP_K, gcfg.vocab_size)
+    lp = min(engine.MAX_TOP_LOGPROBS, gcfg.vocab_size)  # the server's programs report logprobs
     lowered = {
-        "prefill": engine.prefill.lower(gcfg, k, params, spec((1, S), np.int32), spec((1,), np.int32), sampling),
+        "prefill": engine.prefill.lower(gcfg, k, params, spec((1, S), np.int32), spec((1,), np.int32), sampling, lp),
         "insert": engine.insert.lower(cache, fresh, spec((), np.int32), rows),
         "decode": engine.decode.lower(gcfg, k, params, cache, spec((rows,), np.int32), spec((rows,), np.int32),
-                                      sampling),
+                                      sampling, lp),
     }
     compiled = {name: program.compile() for name, program in lowered.items()}
     return {name: {**memory_of(c), "flops": flops_of(c), "rows": rows, "cache_len": S} for name, c in compiled.items()}

@@ -38,6 +38,7 @@ from jaxchat.sandbox import use_calculator
 MIN_PROMPT_BUCKET = 16
 MIN_CACHE_BUCKET = 64
 DEFAULT_MAX_TOP_K = 256  # static bound of lax.top_k; a row's top_k is any traced value in [1, this]
+MAX_TOP_LOGPROBS = 20  # the most alternatives a step reports (OpenAI's top_logprobs limit); the server asks for these
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
 TRACES: collections.Counter = collections.Counter()  # program name -> times traced (a Python side effect at trace time)
 
@@ -84,6 +85,27 @@ def _sample_one(k_static: int, logits_V, key, temperature, top_k, top_p):
     return jnp.where((top_k <= 0) & (top_p >= 1.0), full, truncated).astype(jnp.int32)
 
 
+class Sampled(NamedTuple):
+    """What a step drew per row: the tokens and, when asked for (`top_logprobs` not None), their log-probabilities
+    under the model (log-softmax of its logits, before temperature or truncation: what the model thinks, not what
+    the sampler was allowed) with the K likeliest alternatives, likeliest first."""
+
+    tokens: jax.Array  # (B,) int32
+    logprob: jax.Array | None = None  # (B,) float32
+    top_ids: jax.Array | None = None  # (B, K) int32
+    top_logprobs: jax.Array | None = None  # (B, K) float32
+
+
+def sample_step(logits_BxV, steps_B, s: Sampling, max_top_k: int, top_logprobs: int | None) -> Sampled:
+    tokens_B = sample_tokens(logits_BxV, steps_B, s, max_top_k)
+    if top_logprobs is None:
+        return Sampled(tokens_B)
+    logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logp_BxV, top_logprobs)
+    logprob_B = jnp.take_along_axis(logp_BxV, tokens_B[:, None], axis=-1)[:, 0]
+    return Sampled(tokens_B, logprob_B, top_ids.astype(jnp.int32), top_lp)
+
+
 def sample_tokens(logits_BxV, steps_B, s: Sampling, max_top_k: int):
     """One token per row. Rows at temperature 0 take the argmax; when all do, nothing else is computed."""
     greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
@@ -102,18 +124,20 @@ def sample_tokens(logits_BxV, steps_B, s: Sampling, max_top_k: int):
 # The jitted programs (cfg and the top-k bound are static; everything per request is traced)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_top_k"))
-def prefill(cfg: GPTConfig, max_top_k: int, params, tokens_PxT, lengths_P, s: Sampling):
+@functools.partial(jax.jit, static_argnames=("cfg", "max_top_k", "top_logprobs"))
+def prefill(cfg: GPTConfig, max_top_k: int, params, tokens_PxT, lengths_P, s: Sampling,
+            top_logprobs: int | None = None):
     """Run P right-padded prompts once into a cache of their own (P rows, T positions) and sample the first token of
-    each of their R = P·N rows (N = R/P samples per prompt; R: the rows `s` describes). Returns (R tokens, that cache),
-    which `insert` copies into the generation cache."""
+    each of their R = P·N rows (N = R/P samples per prompt; R: the rows `s` describes). Returns (`Sampled` for R rows,
+    that cache), which `insert` copies into the generation cache."""
     TRACES["prefill"] += 1
     P, T = tokens_PxT.shape
     n = s.seed.shape[0] // P
     logits_PxV, fresh = model.forward_cached(model.graphdef(cfg), params, tokens_PxT, KVCache.zeros(cfg, P, T),
                                              last_B=lengths_P - 1)
     fresh = KVCache(fresh.k, fresh.v, lengths_P, tokens_PxT[jnp.arange(P), lengths_P - 1])  # right-padded rows
-    return sample_tokens(jnp.repeat(logits_PxV, n, axis=0), jnp.zeros((P * n,), jnp.int32), s, max_top_k), fresh
+    return sample_step(jnp.repeat(logits_PxV, n, axis=0), jnp.zeros((P * n,), jnp.int32), s, max_top_k,
+                       top_logprobs), fresh
 
 
 @functools.partial(jax.jit, static_argnames=("n",), donate_argnames=("cache",))
@@ -146,14 +170,15 @@ def resize(cache: KVCache, max_len: int) -> KVCache:
     return KVCache(tuple(map(fit, cache.k)), tuple(map(fit, cache.v)), cache.lengths_B, cache.last_tokens_B)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_top_k"), donate_argnames=("cache",))
-def decode(cfg: GPTConfig, max_top_k: int, params, cache: KVCache, tokens_b, steps_b, s: Sampling):
-    """Feed one token to each of the first b rows and sample the next; every row's position must be inside the
-    cache."""
+@functools.partial(jax.jit, static_argnames=("cfg", "max_top_k", "top_logprobs"), donate_argnames=("cache",))
+def decode(cfg: GPTConfig, max_top_k: int, params, cache: KVCache, tokens_b, steps_b, s: Sampling,
+           top_logprobs: int | None = None):
+    """Feed one token to each of the first b rows and sample the next (`Sampled`); every row's position must be inside
+    the cache."""
     TRACES["decode"] += 1
     logits_bxV, cache = model.forward_cached(model.graphdef(cfg), params, tokens_b[:, None], cache,
                                              last_B=jnp.zeros_like(tokens_b))
-    return sample_tokens(logits_bxV, steps_b, s, max_top_k), cache
+    return sample_step(logits_bxV, steps_b, s, max_top_k, top_logprobs), cache
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -298,13 +323,13 @@ class Engine:
     def _rows(self, x):
         return x if self.mesh is None else jax.device_put(x, self.rows_sharding(np.shape(x)))
 
-    def prefill(self, tokens_PxT, lengths_P, s: Sampling):
+    def prefill(self, tokens_PxT, lengths_P, s: Sampling, top_logprobs: int | None = None):
         return prefill(self.cfg, self.max_top_k, self.params, self._rows(np.asarray(tokens_PxT, np.int32)),
-                       np.asarray(lengths_P, np.int32), s)
+                       np.asarray(lengths_P, np.int32), s, self.check_top_logprobs(top_logprobs))
 
-    def decode(self, cache: KVCache, tokens_b, steps_b, s: Sampling):
+    def decode(self, cache: KVCache, tokens_b, steps_b, s: Sampling, top_logprobs: int | None = None):
         return decode(self.cfg, self.max_top_k, self.params, cache, np.asarray(tokens_b, np.int32),
-                      np.asarray(steps_b, np.int32), s)
+                      np.asarray(steps_b, np.int32), s, self.check_top_logprobs(top_logprobs))
 
     def fit_cache(self, cache: KVCache, live: int, most: int) -> KVCache:
         """The cache resized to the bucket of `live` positions (at most `most`), one power of two at a time (so a
@@ -353,6 +378,11 @@ class Engine:
                              f"build it with Engine(..., max_top_k={top_k}) or lower top_k")
         return int(top_k)
 
+    def check_top_logprobs(self, k: int | None) -> int | None:
+        if k is not None and not 0 <= k <= min(MAX_TOP_LOGPROBS, self.cfg.vocab_size):
+            raise ValueError(f"top_logprobs must be in [0, {min(MAX_TOP_LOGPROBS, self.cfg.vocab_size)}], got {k}")
+        return k
+
     # -- generation
 
     def generate(self, prompts, num_samples: int = 1, max_tokens=None, temperature=1.0, top_k=None, top_p=1.0,
@@ -397,7 +427,7 @@ class Engine:
         rows = [RowState(max_toks[b // n]) for b in range(n_prompts * n)]
         rows += [RowState(0, done=True) for _ in range(pad * n)]
 
-        next_B, fresh = self.prefill(tokens_PxT, lengths_P, s)
+        (next_B, *_), fresh = self.prefill(tokens_PxT, lengths_P, s)
         # The cache grows with the longest unfinished row, a power-of-two bucket at a time (`resize`): decode reads
         # every cached key, so early steps of a long budget cost what their length needs.
         cache = insert(self.new_cache(B, min(S, bucket(T, self.min_cache_bucket))), fresh, np.int32(0), n)
@@ -417,7 +447,7 @@ class Engine:
             step += 1
             live = max(lengths[b // n] for b, row in enumerate(rows) if not row.done) + step
             cache = self.fit_cache(cache, live, S)
-            next_B, cache = self.decode(cache, column, np.full((B,), step), s)
+            (next_B, *_), cache = self.decode(cache, column, np.full((B,), step), s)
 
     def generate_batch(self, prompts, num_samples: int = 1, max_tokens=None, temperature=1.0, top_k=None,
                        top_p=1.0, seed=42) -> tuple[list[list[int]], list[list[int]]]:

@@ -26,7 +26,8 @@ from jaxchat import engine, model
 from jaxchat.config import model_config
 from test_engine import CLI_CONFIG
 from jaxchat.tokenizer import Tokenizer, render_for_completion
-from jaxchat.web.app import GenerationDefaults, ServerThread, create_app
+from jaxchat.web.app import GenerationDefaults, create_app
+from jaxchat.web.server import ServerThread
 from jaxchat.web.batcher import Batcher, Delta, Finished, NotReady, QueueFull, SamplingParams
 
 openai = pytest.importorskip("openai", reason="pip install -r requirements-dev.txt (the openai client)")
@@ -53,8 +54,8 @@ def _printable(tok) -> np.ndarray:
     return np.array([i < n_ordinary and all(32 <= c < 127 for c in tok.token_to_bytes(i)) for i in range(VOCAB)])
 
 
-def random_params(seed=1, scale=0.3):
-    _, params = fixtures_model.random_params(CFG, seed, scale)
+def random_params(seed=1, scale=0.3, cfg=CFG):
+    _, params = fixtures_model.random_params(cfg, seed, scale)
     params["lm_head"]["kernel"] = jnp.where(jnp.asarray(_printable(tokenizer())), params["lm_head"]["kernel"], 0.0)
     return params
 
@@ -140,7 +141,7 @@ def tool_server():
 HELLO = [{"role": "user", "content": "hello there"}]
 
 
-# ---- decoding a prefix of the rows -------------------------------------------------------------------------------------------
+# ---- decoding a prefix of the rows ----------------------------------------------------------------------------------
 
 
 def test_decoding_a_prefix_of_the_rows_equals_decoding_them_alone_and_leaves_the_rest():
@@ -148,7 +149,8 @@ def test_decoding_a_prefix_of_the_rows_equals_decoding_them_alone_and_leaves_the
     rng = np.random.default_rng(0)
     k = [jnp.asarray(rng.normal(size=(4, CFG.n_kv_head, 64, CFG.head_dim)), jnp.float32) for _ in range(CFG.n_layer)]
     cache = model.KVCache(tuple(k), tuple(-x for x in k), jnp.asarray([5, 9, 3, 7], jnp.int32), jnp.zeros(4, jnp.int32))
-    prefix = model.KVCache(tuple(x[:2] for x in k), tuple(-x[:2] for x in k), cache.lengths_B[:2], jnp.zeros(2, jnp.int32))
+    prefix = model.KVCache(tuple(x[:2] for x in k), tuple(-x[:2] for x in k), cache.lengths_B[:2],
+                           jnp.zeros(2, jnp.int32))
     tokens = jnp.asarray([[11], [22]], jnp.int32)
     decode = jax.jit(model.forward_cached, static_argnums=0)
     want_logits, want = decode(graphdef, params, tokens, prefix)
@@ -280,7 +282,7 @@ def test_models_health_metrics_and_the_page(random_server):
     assert [m.id for m in models.data] == ["jaxchat-test-random"]
     with httpx.Client(base_url=random_server.url) as h:
         assert h.get("/health").json() == {"status": "ok", "ready": True}
-        m = h.get("/metrics").json()
+        m = h.get("/metrics.json").json()
         for key in ("requests_submitted", "tokens_generated", "tokens_per_s", "queue_depth", "active_rows", "ttft_s",
                     "invalid_requests", "peak_active_rows"):
             assert key in m, key
@@ -332,8 +334,22 @@ BAD_REQUESTS = {
     "max_tokens zero": (body(max_tokens=0), 400, "max_tokens"),
     "max_tokens too high": (body(max_tokens=4097), 400, "max_tokens"),
     "stream not a bool": (body(stream="yes"), 400, "stream"),
-    "n > 1": (body(n=2), 400, "n"),
-    "stop sequences": (body(stop=["\n"]), 400, "stop sequences"),
+    "n above the limit": (body(n=9), 400, "n"),
+    "n zero": (body(n=0), 400, "n"),
+    "five stop strings": (body(stop=["a", "b", "c", "d", "e"]), 400, "at most 4 stop strings"),
+    "an empty stop string": (body(stop=[""]), 400, "1 to 256 characters"),
+    "stop not text": (body(stop=5), 400, "stop"),
+    "top_logprobs without logprobs": (body(top_logprobs=2), 400, "needs logprobs"),
+    "top_logprobs above 20": (body(logprobs=True, top_logprobs=21), 400, "top_logprobs"),
+    "tools": (body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "`tools` is not supported"),
+    "tool_choice": (body(tool_choice="auto"), 400, "`tool_choice` is not supported"),
+    "response_format json": (body(response_format={"type": "json_object"}), 400, "`response_format` is not supported"),
+    "presence_penalty": (body(presence_penalty=0.5), 400, "`presence_penalty` is not supported"),
+    "frequency_penalty": (body(frequency_penalty=-1), 400, "`frequency_penalty` is not supported"),
+    "logit_bias": (body(logit_bias={"50256": -100}), 400, "`logit_bias` is not supported"),
+    "an unknown field": (body(temprature=0.5), 400, "`temprature` is not a field"),
+    "an unknown message field": (json.dumps({"messages": [{**U, "tool_call_id": "x"}]}), 400, "tool_call_id"),
+    "calculator_format unknown": (body(calculator_format="html"), 400, "calculator_format"),
     "ends with the assistant": (json.dumps({"messages": [U, A]}), 400, "last message"),
     "roles do not alternate": (json.dumps({"messages": [U, U]}), 400, "alternate"),
     "system not first": (json.dumps({"messages": [U, A, {"role": "system", "content": "s"}, U]}), 400, "system"),
@@ -483,46 +499,64 @@ def test_serve_cli_without_a_checkpoint_names_the_training_command(tmp_path, mon
     assert f"python train.py --config={tmp_path / 'servetiny.py'} --stage=sft" in capsys.readouterr().err
 
 
-def test_serve_cli_serves_a_saved_checkpoint(tmp_path):
+def save_checkpoint(tmp_path, make_params, config_text: str = CLI_CONFIG, run: str = "servetiny"):
+    """A run `run` under tmp_path/home with this module's tokenizer and an sft checkpoint at step 3 of
+    `make_params(cfg)`; returns (config path, environment for a subprocess)."""
     from jaxchat import paths
     from jaxchat.checkpoint import Checkpointer
     from jaxchat.config import load_config_file
 
     home = tmp_path / "home"
-    (tmp_path / "servetiny.py").write_text(CLI_CONFIG)
-    env = {**os.environ, "JAXCHAT_HOME": str(home)}
+    config_path = tmp_path / f"{run}.py"
+    config_path.write_text(config_text)
     old = os.environ.get("JAXCHAT_HOME")
     os.environ["JAXCHAT_HOME"] = str(home)
     try:
-        config = load_config_file(str(tmp_path / "servetiny.py"))
-        tokenizer().save(paths.tokenizer_dir("servetiny"))
-        cfg = model_config(config)
-        from test_engine import scripted_params as build
-
-        params = build(cfg, chain("<|assistant_start|>", "cat", "<|assistant_end|>"))
-        with Checkpointer(paths.run_dir("servetiny", "sft") / "checkpoints", async_save=False) as ckpt:
+        config = load_config_file(str(config_path))
+        tokenizer().save(paths.tokenizer_dir(run))
+        params = make_params(model_config(config))
+        with Checkpointer(paths.run_dir(run, "sft") / "checkpoints", async_save=False) as ckpt:
             ckpt.save(3, params=params, opt_state={"count": jnp.zeros((), jnp.int32)}, rng=jax.random.key(0),
                       data_state={}, config=config.to_dict())
     finally:
         os.environ.pop("JAXCHAT_HOME") if old is None else os.environ.__setitem__("JAXCHAT_HOME", old)
+    return config_path, {**os.environ, "JAXCHAT_HOME": str(home)}
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "serve.py", f"--config={tmp_path / 'servetiny.py'}", "--port", str(port),
-                             "--max-batch", "1", "--log-level", "warning"], env=env, stderr=subprocess.PIPE, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc, url: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "serve.py never became ready"
+        time.sleep(0.25)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_serve_cli_serves_a_saved_checkpoint(tmp_path):
+    from test_engine import scripted_params as build
+
+    config_path, env = save_checkpoint(tmp_path, lambda cfg: build(cfg, chain("<|assistant_start|>", "cat",
+                                                                              "<|assistant_end|>")))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "serve.py", f"--config={config_path}", "--port", str(port),
+                             "--max-batch", "1", "--log-level", "warning"], env=env, stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "serve.py never became ready"
-            time.sleep(0.25)
+        wait_healthy(proc, url)
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         assert [m.id for m in c.models.list().data] == ["jaxchat-servetiny-sft-3"]
         r = c.chat.completions.create(model="m", messages=HELLO)
@@ -530,22 +564,27 @@ def test_serve_cli_serves_a_saved_checkpoint(tmp_path):
     finally:
         proc.terminate()
         try:
-            _, err = proc.communicate(timeout=30)
+            out, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-            _, err = proc.communicate()
+            out, err = proc.communicate()
     assert "ready: jaxchat-servetiny-sft-3" in err
+    assert proc.returncode == 0, err  # SIGTERM drains and exits cleanly
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]  # the request log, on stdout
+    chat = [x for x in lines if x["route"] == "/v1/chat/completions"]
+    assert len(chat) == 1 and chat[0]["status"] == 200 and chat[0]["completion_tokens"] == 1
 
 
-# ---- API keys ---------------------------------------------------------------------------------------------------------
+# ---- API keys -------------------------------------------------------------------------------------------------------
 
 
 def test_api_keys_guard_every_api_route_and_leave_the_page_and_health_open():
     app = create_app(backend("random"), model_id="keyed", defaults=GenerationDefaults(max_tokens=4),
                      api_keys=["sk-first", "sk-second"])
     with ServerThread(app) as srv:
-        routes = [("GET", "/v1/models", None), ("GET", "/metrics", None),
-                  ("POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2})]
+        routes = [("GET", "/v1/models", None), ("GET", "/metrics", None), ("GET", "/metrics.json", None),
+                  ("POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2}),
+                  ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2})]
         for method, path, body in routes:
             for headers, status in [({}, 401), ({"Authorization": "Bearer sk-wrong"}, 401),
                                     ({"Authorization": "sk-first"}, 401), ({"Authorization": "Bearer sk-first"}, 200),

@@ -39,5 +39,5 @@ def test_schemathesis_finds_no_server_error_and_no_spec_violation(server, tmp_pa
         assert h.get("/health").json()["ready"] is True
         r = h.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
-        m = h.get("/metrics").json()
+        m = h.get("/metrics.json").json()
         assert m["requests_failed"] == 0 and m["invalid_requests"] > 0

@@ -6,12 +6,19 @@
   the front: a finished row is replaced by the last live row (a jitted row copy), so each step decodes only
   `bucket(live rows)` rows (1, 2, 4, ... max_rows) with the engine's `decode`.
 - A new request is prefilled alone at its bucketed prompt length by the engine's `prefill`, which also samples its
-  first token, and `insert`ed into the first free slot; the cache is donated to every program that keeps its shape. Waiting requests are admitted between
-  steps, all that fit, before the next decode.
+  first token, and `insert`ed into the first free slot; the cache is donated to every program that keeps its shape.
+  Waiting requests are admitted between steps, all that fit, before the next decode.
 - This module only schedules: the programs, the sampler (per-row temperature, top-k, top-p; each row keyed by its seed
-  and its own step, so a seeded request draws what `Engine.generate` draws for sample 0 of its prompt, whatever else is
-  in the batch) and the calculator's state machine are the engine's, so the server and the CLI cannot drift apart. Text leaves through a `StreamDecoder` per row (never half a character); special tokens appear as
-  their names, which is how tool calls reach clients (see schema.py).
+  and its sample index, then its own step, so a seeded request draws what `Engine.generate` draws for that sample of
+  its prompt, whatever else is in the batch) and the calculator's state machine are the engine's, so the server and
+  the CLI cannot drift apart. Text leaves through a `StreamDecoder` per row (never half a character); special tokens
+  appear as their names, which is how tool calls reach clients (see schema.py).
+- A request may name stop strings: text that could begin one is held back until it cannot, and the first complete
+  one ends the row there (the stop string itself is never sent). Rows that asked for logprobs get each token's
+  log-probability and the likeliest alternatives with their text (every step computes them: a top-20 over the
+  vocabulary costs little beside the step, and one set of programs serves every request).
+- `drain(timeout)` is the graceful shutdown: no new requests, the running ones finish within the timeout, the rest
+  end cleanly with what they have (`Finished("shutdown")`), never an error.
 - `warm_up` compiles every program (prompt buckets; row buckets x attention buckets; the row copy) before `ready` turns
   true, so no request ever waits on XLA; `engine.TRACES` counts traces to prove it.
 - The thread talks to the outside only through `submit` (thread-safe and bounded: `QueueFull` once `max_rows +
@@ -36,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxchat import engine as E
-from jaxchat.engine import MIN_CACHE_BUCKET, MIN_PROMPT_BUCKET, Engine, RowState, Sampling, bucket
+from jaxchat.engine import MAX_TOP_LOGPROBS, MIN_CACHE_BUCKET, MIN_PROMPT_BUCKET, Engine, RowState, Sampling, bucket
 from jaxchat.model import KVCache
 from jaxchat.tokenizer import StreamDecoder
 
@@ -47,6 +54,10 @@ TTFT_WINDOW = 1000  # requests whose time to first token /metrics summarises
 
 class NotReady(RuntimeError):
     """The loop is still compiling, has stopped, or failed to start."""
+
+
+class Draining(NotReady):
+    """The server is shutting down: it finishes what it has and takes nothing new."""
 
 
 class QueueFull(RuntimeError):
@@ -64,20 +75,32 @@ class SamplingParams:
     top_k: int = 50  # 0: off
     top_p: float = 1.0  # 1: off
     seed: int = 0
+    sample: int = 0  # which of a request's n choices: the row's key is (seed, sample), as in Engine.generate
+    stop: tuple[str, ...] = ()  # stop strings
+    logprobs: int | None = None  # None: off; else report each token's logprob and this many alternatives
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float  # 0.0 for tokens the calculator wrote (certain)
+    top: tuple[tuple[int, float], ...]  # the likeliest (token, logprob), likeliest first
 
 
 @dataclasses.dataclass(frozen=True)
 class Delta:
-    text: str  # may be "" while a multi-byte character is incomplete
+    text: str  # may be "" while a multi-byte character is incomplete or could begin a stop string
     tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class Finished:
-    reason: str  # "stop" (the model ended its turn) or "length" (max_tokens or the context ran out)
+    reason: str  # "stop" (end of turn or a stop string), "length" (max_tokens or the context), "shutdown" (drained)
     prompt_tokens: int
     completion_tokens: int
-    ttft_s: float
+    ttft_s: float  # submission to first token
+    elapsed_s: float = 0.0  # submission to this event
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,11 +123,40 @@ class Ticket:
         self.cancelled = True
 
 
+def held_tail(text: str, words) -> int:
+    """The length of the longest end of `text` that is the beginning (not the whole) of one of `words`: what a stream
+    must hold back until the next piece says whether the word follows."""
+    return max((k for w in words for k in range(1, min(len(w), len(text) + 1)) if text.endswith(w[:k])), default=0)
+
+
+class StopText:
+    """Finds the first of some stop strings in streamed text, holding back any tail that could begin one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops, self.held = tuple(s for s in stops if s), ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to send, whether a stop string ended the stream: then the text is everything before it)."""
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[:min(hits)], True
+        keep = held_tail(buf, self.stops)
+        self.held = buf[len(buf) - keep:]
+        return buf[:len(buf) - keep], False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
 @dataclasses.dataclass
 class _Row:
     ticket: Ticket
     state: RowState
     decoder: StreamDecoder
+    stop: StopText | None = None
     next_input: int = 0
     length: int = 0  # positions of this row the cache holds
     step: int = 1  # the step the next decode samples at: the first token (the admit) was step 0
@@ -139,6 +191,9 @@ class Batcher:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._draining = False
+        self._cut = False  # drain's deadline passed: the loop ends every remaining request
+        self.top_logprobs = min(MAX_TOP_LOGPROBS, self.cfg.vocab_size)
         self.status = "warming_up"  # -> "ok" when compiled and looping, "failed" if warm-up or the thread died
         self.error: str | None = None
         self.warmup_s: float | None = None
@@ -153,7 +208,11 @@ class Batcher:
 
     @property
     def ready(self) -> bool:
-        return self.status == "ok" and not self._stopping
+        return self.status == "ok" and not self._stopping and not self._draining
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     def start(self) -> Batcher:
         """Warm up and serve in a background thread; returns at once (poll `ready`, or `wait_ready`)."""
@@ -172,6 +231,28 @@ class Batcher:
         if self.status != "ok":
             raise NotReady(f"the batcher failed to start: {self.error}")
 
+    def drain(self, timeout: float) -> dict:
+        """Graceful shutdown: refuse new requests (`Draining`), let live and waiting ones run for up to `timeout`
+        seconds, then end the rest with `Finished("shutdown")` after the text they have. Returns how many finished on
+        their own and how many were cut."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._draining = True
+            busy = len(self._rows) + len(self._waiting)
+            while (self._rows or self._waiting) and self._loop_alive() and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, min(0.1, deadline - time.monotonic())))
+            left = len(self._rows) + len(self._waiting)
+            if left and self._loop_alive():
+                self._cut = True
+                self._cond.notify_all()
+                while self._cut and self._loop_alive():
+                    self._cond.wait(0.1)
+        log.info("drained: %d requests finished, %d cut at the %.1f s timeout", busy - left, left, timeout)
+        return {"finished": busy - left, "cut": left}
+
+    def _loop_alive(self) -> bool:
+        return self.status == "ok" and self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: float | None = 10.0) -> None:
         with self._cond:
             self._stopping = True
@@ -183,6 +264,8 @@ class Batcher:
 
     def submit(self, prompt: Sequence[int], sampling: SamplingParams, sink: Callable[[Event], None]) -> Ticket:
         """Queue a request. Raises NotReady, PromptTooLong, QueueFull, or ValueError for a bad parameter."""
+        if self._draining:
+            raise Draining("the server is shutting down and takes no new requests; retry shortly")
         if not self.ready:
             raise NotReady(self._not_ready_reason())
         prompt = [int(t) for t in prompt]
@@ -196,6 +279,8 @@ class Batcher:
             raise ValueError(f"the prompt has a token id outside the model's vocabulary [0, {self.cfg.vocab_size})")
         if sampling.max_tokens < 1 or not 0 <= sampling.temperature or not 0 <= sampling.top_p <= 1:
             raise ValueError(f"invalid sampling parameters {sampling}")
+        if sampling.logprobs is not None and not 0 <= sampling.logprobs <= self.top_logprobs:
+            raise ValueError(f"top_logprobs must be in [0, {self.top_logprobs}], got {sampling.logprobs}")
         top_k = self.engine.check_top_k(sampling.top_k)
         sampling = dataclasses.replace(sampling, top_k=top_k, max_tokens=min(sampling.max_tokens, self.context_len - n))
         ticket = Ticket(prompt, sampling, sink)
@@ -227,13 +312,14 @@ class Batcher:
             waiting, active = len(self._waiting), len(self._rows)
         pct = lambda q: ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] if ttfts else None
         return {
-            "status": self.status,
+            "status": "draining" if self._draining and self.status == "ok" else self.status,
             "uptime_s": round(time.time() - self._started_at, 3),
             "warmup_s": self.warmup_s,
             "requests_submitted": m.get("submitted", 0),
             "requests_completed": m.get("completed", 0),
             "requests_cancelled": m.get("cancelled", 0),
             "requests_failed": m.get("failed", 0),
+            "requests_cut_by_shutdown": m.get("cut", 0),
             "requests_rejected_queue_full": m.get("rejected_queue_full", 0),
             "queue_depth": waiting,
             "queue_size": self.queue_size,
@@ -286,12 +372,14 @@ class Batcher:
         sampling = lambda n: Sampling(*(sds((n,), t) for t in (jnp.uint32, jnp.uint32, jnp.float32, jnp.int32,  # noqa: E731
                                                                  jnp.float32)))
         cfg, k, prompts = self.cfg, self.engine.max_top_k, self._buckets(MIN_PROMPT_BUCKET, self._max_prompt_bucket())
-        jobs = [functools.partial(E.prefill.lower, cfg, k, params, i32(1, T), i32(1), sampling(1)) for T in prompts]
+        lp = self.top_logprobs
+        jobs = [functools.partial(E.prefill.lower, cfg, k, params, i32(1, T), i32(1), sampling(1), lp)
+                for T in prompts]
         fresh = {T: jax.eval_shape(lambda T=T: KVCache.zeros(cfg, 1, T)) for T in prompts}
         for S, cache in caches.items():
             jobs += [functools.partial(E.insert.lower, cache, fresh[T], i32(), 1) for T in prompts if T <= S]
             jobs += [functools.partial(E.resize.lower, cache, other) for other in (S // 2, S * 2) if other in caches]
-            jobs += [functools.partial(E.decode.lower, cfg, k, params, cache, i32(b), i32(b), sampling(b))
+            jobs += [functools.partial(E.decode.lower, cfg, k, params, cache, i32(b), i32(b), sampling(b), lp)
                      for b in self._buckets(1, self.max_rows)]
             jobs.append(functools.partial(E.move_row.lower, cache, i32(), i32()))
         with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
@@ -324,9 +412,12 @@ class Batcher:
 
     def _iterate(self) -> None:
         with self._cond:
-            while not self._rows and not self._waiting and not self._stopping:
+            while not self._rows and not self._waiting and not self._stopping and not self._cut:
                 self._cond.wait()
             if self._stopping:
+                return
+            if self._cut:
+                self._end_everything()
                 return
             admitted = []
             while self._waiting and len(self._rows) + len(admitted) < self.max_rows:
@@ -348,6 +439,7 @@ class Batcher:
             self._recent.append((time.perf_counter(), produced))
             self._forget_old_steps()
             self._busy_s += time.perf_counter() - t0
+            self._cond.notify_all()  # a drain waits for the rows to empty
 
     def _admit_one(self, ticket: Ticket) -> int:
         s, prompt = ticket.sampling, ticket.prompt
@@ -355,16 +447,17 @@ class Batcher:
         tokens_1xT = np.full((1, T), self.engine.pad_id, np.int32)
         tokens_1xT[0, :len(prompt)] = prompt
         first, fresh = self.engine.prefill(tokens_1xT, [len(prompt)], Sampling.rows(
-            [s.seed % 2**32], [0], [s.temperature], [s.top_k], [s.top_p]))
+            [s.seed % 2**32], [s.sample], [s.temperature], [s.top_k], [s.top_p]), self.top_logprobs)
         # The cache must hold the padded prompt and every live row's next position.
         self._cache = self.engine.fit_cache(self._cache, max([T] + [r.length + 1 for r in self._rows]), self.cache_len)
         self._cache = E.insert(self._cache, fresh, _i32(len(self._rows)), 1)
-        row = _Row(ticket, RowState(s.max_tokens), StreamDecoder(self.tokenizer), length=len(prompt))
+        row = _Row(ticket, RowState(s.max_tokens), StreamDecoder(self.tokenizer), StopText(s.stop) if s.stop else None,
+                   length=len(prompt))
         row.ttft_s = time.perf_counter() - ticket.submitted
         with self._cond:
             self._ttfts.append(row.ttft_s)
         self._rows.append(row)
-        self._take(row, int(np.asarray(first)[0]))
+        self._take_all([row], first)
         return 1
 
     def _step(self) -> int:
@@ -375,35 +468,53 @@ class Batcher:
         self._cache = self.engine.fit_cache(self._cache, max(r.length for r in rows) + 1, self.cache_len)
         sampled, self._cache = self.engine.decode(
             self._cache, [r.next_input for r in rows] + [self.engine.pad_id] * pad, [r.step for r in rows] + [0] * pad,
-            Sampling.rows([r.ticket.sampling.seed % 2**32 for r in rows] + [0] * pad, np.zeros(n + pad),
+            Sampling.rows([r.ticket.sampling.seed % 2**32 for r in rows] + [0] * pad,
+                          [r.ticket.sampling.sample for r in rows] + [0] * pad,
                           [r.ticket.sampling.temperature for r in rows] + [0.0] * pad,
                           [r.ticket.sampling.top_k for r in rows] + [0] * pad,
-                          [r.ticket.sampling.top_p for r in rows] + [1.0] * pad))
-        sampled = np.asarray(sampled)
-        for i, row in enumerate(rows):
+                          [r.ticket.sampling.top_p for r in rows] + [1.0] * pad), self.top_logprobs)
+        for row in rows:
             row.step += 1
             row.length += 1
-            self._take(row, int(sampled[i]))
+        self._take_all(rows, sampled)
         self._count("steps")
         return n
 
-    def _take(self, row: _Row, sampled: int) -> None:
+    def _take_all(self, rows: list[_Row], sampled: E.Sampled) -> None:
+        tokens = np.asarray(sampled.tokens)
+        # The logprobs stay on the device unless a row asked for them.
+        want = any(r.ticket.sampling.logprobs is not None for r in rows)
+        lps = [np.asarray(x) for x in (sampled.logprob, sampled.top_ids, sampled.top_logprobs)] if want else None
+        for i, row in enumerate(rows):
+            self._take(row, int(tokens[i]), None if lps is None else (lps[0][i], lps[1][i], lps[2][i]))
+
+    def _take(self, row: _Row, sampled: int, lps) -> None:
         """Run the engine's tool/stop state machine on a sampled token and send the row's new text."""
-        token, _ = self.engine.calculator.advance(row.state, sampled)  # the one tool state machine, shared with the CLI
+        token, mask = self.engine.calculator.advance(row.state, sampled)  # the one tool state machine, as the CLI's
         row.next_input = token
         stopped = token in self.engine.stop_ids
-        text = ""
+        text, hit, logprobs = "", False, ()
         if not stopped:
             row.completion_tokens += 1
             text = row.decoder.feed(token)
+            k = row.ticket.sampling.logprobs
+            if k is not None:
+                logprobs = (TokenLogprob(token, 0.0, ((token, 0.0),)) if not mask else TokenLogprob(
+                    token, float(lps[0]), tuple(zip(lps[1][:k].tolist(), lps[2][:k].tolist()))),)
         if row.state.done:
             text += row.decoder.flush()
+        if row.stop is not None:
+            text, hit = row.stop.feed(text)
+            if hit:
+                row.state.done = True
+            elif row.state.done:
+                text += row.stop.flush()
         self._count("tokens")
         if text or not stopped:
-            self._send(row, Delta(text, 0 if stopped else 1))
+            self._send(row, Delta(text, 0 if stopped else 1, logprobs))
         if row.state.done:
-            self._send(row, Finished("stop" if stopped else "length", len(row.ticket.prompt), row.completion_tokens,
-                                     row.ttft_s))
+            self._send(row, Finished("stop" if stopped or hit else "length", len(row.ticket.prompt),
+                                     row.completion_tokens, row.ttft_s, time.perf_counter() - row.ticket.submitted))
             if not row.ticket.cancelled:
                 self._count("completed")
 
@@ -432,6 +543,32 @@ class Batcher:
                 self._cache = E.move_row(self._cache, _i32(last), _i32(i))
                 self._rows[i] = self._rows[last]
             self._rows.pop()
+
+    def _end_everything(self) -> None:
+        """Drain's deadline: every live or waiting request ends now, cleanly, with the text it has."""
+        with self._cond:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for row in self._rows:
+            if not row.state.done and not row.ticket.cancelled:
+                text = row.decoder.flush()
+                text = (row.stop.feed(text)[0] + row.stop.flush()) if row.stop is not None else text
+                if text:
+                    self._send(row, Delta(text, 0))
+                self._send(row, Finished("shutdown", len(row.ticket.prompt), row.completion_tokens, row.ttft_s,
+                                         time.perf_counter() - row.ticket.submitted))
+                self._count("cut")
+        for ticket in waiting:
+            if not ticket.cancelled:
+                waited = time.perf_counter() - ticket.submitted
+                self._send(_Row(ticket, RowState(0), StreamDecoder(self.tokenizer)),
+                           Finished("shutdown", len(ticket.prompt), 0, waited, waited))
+                self._count("cut")
+        self._rows = []
+        self._cache = self._new_cache()
+        with self._cond:
+            self._cut = False
+            self._cond.notify_all()
 
     def _fail_everything(self, message: str) -> None:
         with self._cond:
