@@ -22,6 +22,7 @@ from jaxchat.web.batcher import Batcher, Delta, Draining, Finished, SamplingPara
 from jaxchat.web.ratelimit import RateLimiter
 from jaxchat.web.requestlog import RequestLog
 from jaxchat.web.server import ServerThread
+from test_engine import CLI_CONFIG
 from test_serve import (EMOJI, HELLO, REPO, backend, client, free_port, prompt_ids, random_params,
                         save_checkpoint, tokenizer, wait_healthy)
 
@@ -329,15 +330,8 @@ def test_batcher_drain_lets_short_requests_finish_and_ends_the_rest_cleanly():
     b.stop()
 
 
-DRAIN_CONFIG = """
-from jaxchat.config import default_config
-
-def get_config():
-    c = default_config()
-    c.depth, c.model_dim, c.n_head, c.head_dim = 2, 64, 4, 16
-    c.vocab_size, c.sequence_len, c.compute_dtype = 300, 512, "float32"
-    return c
-"""
+DRAIN_CONFIG = CLI_CONFIG.replace('= 300, 64, "float32"', '= 300, 512, "float32"')  # room for 400-token replies
+assert DRAIN_CONFIG != CLI_CONFIG
 # serve.py with every decode step slowed to ~30 ms (a bigger model on a slower machine): streams take seconds
 SLOW_SERVE = ("import sys, time; import jaxchat.engine as E; decode = E.Engine.decode; "
               "E.Engine.decode = lambda self, *a, **k: (time.sleep(0.03), decode(self, *a, **k))[1]; "

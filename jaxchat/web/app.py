@@ -41,8 +41,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxchat.tokenizer import render_for_completion
 from jaxchat.web import schema
-from jaxchat.web.batcher import (Delta, Draining, Finished, NotReady, PromptTooLong, QueueFull, SamplingParams,
-                                 held_tail)
+from jaxchat.web.batcher import (Delta, Draining, Failed, Finished, NotReady, PromptTooLong, QueueFull,
+                                 SamplingParams, held_tail)
 from jaxchat.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from jaxchat.web.metrics import ServerMetrics
 from jaxchat.web.ratelimit import RateLimiter, retry_after
@@ -388,8 +388,11 @@ def create_app(backend, *, model_id: str = "jaxchat", defaults: GenerationDefaul
         format_text = lambda i, text, final=False: plain[i].feed(text, final) if plain[i] else text  # noqa: E731
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_chat_stream(choices, tally, meta, usage, format_text, tokenizer),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None} for i in range(len(choices.tickets))]
+            events = _stream(choices, tally, meta, "chat.completion.chunk", usage,
+                             _chat_chunks(tally, format_text, tokenizer), opening)
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
         result = await _collect(choices, tally, tokenizer, format_text, completion=False)
         if isinstance(result, JSONResponse):
             return result
@@ -409,8 +412,9 @@ def create_app(backend, *, model_id: str = "jaxchat", defaults: GenerationDefaul
         record["id"] = meta["id"]
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_completion_stream(choices, tally, meta, usage, tokenizer),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            events = _stream(choices, tally, meta, "text_completion", usage,
+                             _completion_chunks(tally, tokenizer, len(choices.tickets)))
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
         result = await _collect(choices, tally, tokenizer, lambda i, text, final=False: text, completion=True)
         if isinstance(result, JSONResponse):
             return result
@@ -556,65 +560,65 @@ def _error_event(message: str) -> str:
     return _data({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
 
 
-async def _chat_stream(choices: Choices, tally: Tally, meta: dict, include_usage: bool, format_text, tokenizer):
-    chunk = lambda i, delta, **kw: _data({**meta, "object": "chat.completion.chunk", "choices": [  # noqa: E731
-        {"index": i, "delta": delta, "logprobs": None, "finish_reason": None, **kw}]})
+async def _stream(choices: Choices, tally: Tally, meta: dict, obj: str, include_usage: bool, render, opening=()):
+    """A request's Server-Sent Events: the `opening` choice objects, then `render(choice, event)` of each delta and
+    finish (None: nothing to send), then the usage chunk if asked for, then `[DONE]`; a failure is an error event."""
+    send = lambda choice: _data({**meta, "object": obj, "choices": [choice]})  # noqa: E731
     try:
-        for i in range(len(choices.tickets)):
-            yield chunk(i, {"role": "assistant", "content": ""})
+        for choice in opening:
+            yield send(choice)
         async for batch in choices.batches():
             for i, ev in _merge_deltas(batch):
-                if isinstance(ev, Delta):
-                    text = format_text(i, ev.text)
-                    tally.add(i, text)
-                    lps = {"content": chat_logprobs(tokenizer, ev.logprobs)} if ev.logprobs else None
-                    if text or lps:
-                        yield chunk(i, {"content": text}, logprobs=lps)
-                elif isinstance(ev, Finished):
-                    tally.finished(i, ev)
-                    rest = format_text(i, "", True)
-                    tally.add(i, rest)
-                    yield chunk(i, {"content": rest} if rest else {}, finish_reason=api_finish_reason(ev.reason))
-                else:
+                if isinstance(ev, Failed):
                     tally.failed(i, ev.message)
                     yield _error_event(ev.message)
                     yield "data: [DONE]\n\n"
                     return
+                if isinstance(ev, Finished):
+                    tally.finished(i, ev)
+                choice = render(i, ev)
+                if choice is not None:
+                    yield send(choice)
         if include_usage:
-            yield _data({**meta, "object": "chat.completion.chunk", "choices": [], "usage": _usage(choices, tally)})
+            yield _data({**meta, "object": obj, "choices": [], "usage": _usage(choices, tally)})
         yield "data: [DONE]\n\n"
     finally:
         choices.cancel()  # the client went away (or we are done, where this is a no-op)
         tally.close()
 
 
-async def _completion_stream(choices: Choices, tally: Tally, meta: dict, include_usage: bool, tokenizer):
-    chunk = lambda i, text, **kw: _data({**meta, "object": "text_completion", "choices": [  # noqa: E731
-        {"index": i, "text": text, "logprobs": None, "finish_reason": None, **kw}]})
-    offsets = [0] * len(choices.tickets)
-    try:
-        async for batch in choices.batches():
-            for i, ev in _merge_deltas(batch):
-                if isinstance(ev, Delta):
-                    tally.add(i, ev.text)
-                    lps = completion_logprobs(tokenizer, ev.logprobs, offsets[i]) if ev.logprobs else None
-                    offsets[i] += sum(len(t) for t in lps["tokens"]) if lps else 0
-                    if ev.text or lps:
-                        yield chunk(i, ev.text, logprobs=lps)
-                elif isinstance(ev, Finished):
-                    tally.finished(i, ev)
-                    yield chunk(i, "", finish_reason=api_finish_reason(ev.reason))
-                else:
-                    tally.failed(i, ev.message)
-                    yield _error_event(ev.message)
-                    yield "data: [DONE]\n\n"
-                    return
-        if include_usage:
-            yield _data({**meta, "object": "text_completion", "choices": [], "usage": _usage(choices, tally)})
-        yield "data: [DONE]\n\n"
-    finally:
-        choices.cancel()
-        tally.close()
+def _chat_chunks(tally: Tally, format_text, tokenizer):
+    """`render` for chat.completion.chunk: the text as `delta.content`, logprobs as `logprobs.content`."""
+
+    def render(i: int, ev):
+        if isinstance(ev, Delta):
+            text = format_text(i, ev.text)
+            lps = {"content": chat_logprobs(tokenizer, ev.logprobs)} if ev.logprobs else None
+            reason, delta = None, {"content": text}
+            if not (text or lps):
+                return None
+        else:
+            text, lps = format_text(i, "", True), None
+            reason, delta = api_finish_reason(ev.reason), {"content": text} if text else {}
+        tally.add(i, text)
+        return {"index": i, "delta": delta, "logprobs": lps, "finish_reason": reason}
+
+    return render
+
+
+def _completion_chunks(tally: Tally, tokenizer, n: int):
+    """`render` for text_completion chunks: the text, legacy logprobs with offsets into the choice's text."""
+    offsets = [0] * n
+
+    def render(i: int, ev):
+        if not isinstance(ev, Delta):
+            return {"index": i, "text": "", "logprobs": None, "finish_reason": api_finish_reason(ev.reason)}
+        tally.add(i, ev.text)
+        lps = completion_logprobs(tokenizer, ev.logprobs, offsets[i]) if ev.logprobs else None
+        offsets[i] += sum(len(t) for t in lps["tokens"]) if lps else 0
+        return {"index": i, "text": ev.text, "logprobs": lps, "finish_reason": None} if ev.text or lps else None
+
+    return render
 
 
 def _merge_deltas(batch: list) -> list:
