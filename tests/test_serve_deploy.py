@@ -398,3 +398,4 @@ def test_sigterm_drains_finishes_short_streams_ends_long_ones_cleanly_and_exits_
     reasons = sorted(x["finish_reasons"][0] for x in lines if x["status"] == 200)
     assert reasons == ["length"] * 4 + ["shutdown"] * 4
     assert "drained: 4 requests finished, 4 ended at the timeout" in err
+

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from jaxchat.engine import MAX_TOP_LOGPROBS
+
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8_000
 MAX_TOTAL_CHARS = 32_000
@@ -30,7 +32,6 @@ MAX_CONTENT_PARTS = 100  # a list content is joined into one message; this only 
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_STOP_CHARS = 256
 MAX_CHOICES = 8  # n, times the prompts of a completions request: every choice is a row of its own
-MAX_TOP_LOGPROBS = 20  # = engine.MAX_TOP_LOGPROBS (not imported: the schema needs no jax)
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
 
 UNSUPPORTED = {  # OpenAI field -> (what this server lacks, the neutral values it accepts because they change nothing)
