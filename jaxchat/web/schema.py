@@ -16,6 +16,7 @@ the server does anyway; any other unknown field is a 400 too: nothing a client a
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -35,6 +36,7 @@ MAX_CHOICES = 8  # n, times the prompts of a completions request: every choice i
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
 
 UNSUPPORTED = {  # OpenAI field -> (what this server lacks, the neutral values it accepts because they change nothing)
+    # (each request model declares the ones its OpenAI endpoint has)
     "tools": ("function calling", (None, [])),
     "tool_choice": ("function calling", (None, "none")),
     "functions": ("function calling", (None, [])),
@@ -43,20 +45,17 @@ UNSUPPORTED = {  # OpenAI field -> (what this server lacks, the neutral values i
     "presence_penalty": ("repetition penalties", (None, 0)),
     "frequency_penalty": ("repetition penalties", (None, 0)),
     "logit_bias": ("logit bias", (None, {})),
-}
-COMPLETIONS_UNSUPPORTED = {
     "echo": ("echoing the prompt", (None, False)),
     "suffix": ("insertion (suffix)", (None,)),
     "best_of": ("best_of", (None, 1)),
-    **{k: v for k, v in UNSUPPORTED.items() if k in ("presence_penalty", "frequency_penalty", "logit_bias")},
 }
 
 
-def check_neutral(table: dict, value, info: ValidationInfo):
-    lacks, neutral = table[info.field_name]
+def check_neutral(value, info: ValidationInfo):
+    lacks, neutral = UNSUPPORTED[info.field_name]
     # 0.0 is the neutral 0, but False is not (Python says False == 0) and 0 is not False
     if not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral):
-        allowed = " or ".join("null" if v is None else repr(v) for v in neutral)
+        allowed = " or ".join(json.dumps(v) for v in neutral)  # as the client would write them
         raise ValueError(f"`{info.field_name}` is not supported by this server (no {lacks}); leave it out or send "
                          f"{allowed}")
     return value
@@ -149,6 +148,11 @@ class _Generation(_Strict):
                 raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters, got {len(s)}")
         return value
 
+    @field_validator(*UNSUPPORTED, mode="before", check_fields=False)
+    @classmethod
+    def _neutral_only(cls, value, info: ValidationInfo):
+        return check_neutral(value, info)
+
     @property
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -168,11 +172,6 @@ class ChatCompletionRequest(_Generation):
     functions: list[dict[str, Any]] | None = Field(default=None, max_length=0, description=_NOT_SUPPORTED)
     function_call: Literal["none"] | None = Field(default=None, description=_NOT_SUPPORTED)
     response_format: TextFormat | None = Field(default=None, description=_NOT_SUPPORTED)
-
-    @field_validator(*UNSUPPORTED, mode="before")
-    @classmethod
-    def _neutral_only(cls, value, info: ValidationInfo):
-        return check_neutral(UNSUPPORTED, value, info)
 
     @model_validator(mode="after")
     def _total_size(self):
@@ -195,11 +194,6 @@ class CompletionRequest(_Generation):
     echo: Literal[False] | None = Field(default=None, description=_NOT_SUPPORTED)
     suffix: None = Field(default=None, description=_NOT_SUPPORTED)
     best_of: int | None = Field(default=None, ge=1, le=1, description=_NOT_SUPPORTED)
-
-    @field_validator(*COMPLETIONS_UNSUPPORTED, mode="before")
-    @classmethod
-    def _neutral_only(cls, value, info: ValidationInfo):
-        return check_neutral(COMPLETIONS_UNSUPPORTED, value, info)
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -253,20 +247,16 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
-class Choice(BaseModel):
+class _Choice(BaseModel):
+    """What a choice of either reply has; each kind adds its text and its logprobs."""
+
     index: int
-    message: AssistantMessage
-    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage
+class Choice(_Choice):
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -276,20 +266,28 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
-    index: int
+class CompletionChoice(_Choice):
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
 
 
-class TextCompletion(BaseModel):
+class _Reply(BaseModel):
+    """What a chat or text completion has besides its object name and choices."""
+
     id: str
-    object: Literal["text_completion"]
     created: int
     model: str
-    choices: list[CompletionChoice]
     usage: Usage
+
+
+class ChatCompletion(_Reply):
+    object: Literal["chat.completion"]
+    choices: list[Choice]
+
+
+class TextCompletion(_Reply):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
 
 
 class ModelCard(BaseModel):
